@@ -1,0 +1,445 @@
+"""DVP-VAE: a top-down hierarchical VAE with a diffusion-based VampPrior (Kuzina & Tomczak, 2024).
+
+Figure 2 of the paper, as code:
+  x --Encoder--> h_s (one feature map per latent scale)
+  x --f_dct--> y;  u ~ r(u|x) = N(y, e^lv);  u_img = f_dct^dagger(u), pooled once per scale
+  state s = ones; for l = L..1:  p(z_l | s, u_img) = PriorNet([s, pool(u_img)]) -> mu_p, lv_p, h
+                                 q(z_l | s, h_s)   = PosteriorNet((h_s + s) / sqrt 2)
+                                 s = Up(ResNet(s + h + z_up(z_l)))
+  a = sum_l Up(z_l) / sqrt(L)  (latent aggregation, Eq. 18);  p(x | z) = NN(a)
+  -ELBO = -log p(x|z) + sum_l KL_l + [ log r(u|x) - log r_hat(u) ]   with r_hat the diffusion prior.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DVPConfig, model_preset
+from .diffusion import DiffusionPrior
+from .layers import DecoderResBlock, Encoder, conv1x1, conv3x3, scaled_init_factor
+from .ops import dml_log_prob, dml_sample, gaussian_log_prob, gaussian_sample_kl
+from .priors import MoGPrior, VampPseudoImages, mixture_log_prob
+from .pseudoinput import PseudoInput
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class DVPOutput:
+    """Result of a training forward. Nats per image unless stated.
+
+    kl columns: [u-term, z_L, ..., z_1] for DVP-VAE (L + 1 columns), [z_L, ..., z_1] without u.
+    """
+
+    loss: torch.Tensor  # scalar: mean negative ELBO in bits/dim (what training minimises)
+    elbo: torch.Tensor  # (B,)
+    recon: torch.Tensor  # (B,) -log p(x | z)
+    kl: torch.Tensor  # (B, L + 1) or (B, L)
+    params: torch.Tensor  # (B, out_ch, D, D) likelihood parameters
+
+
+@dataclass
+class Encoding:
+    """Posterior draw for a batch: u ~ r(u|x) (None without pseudo-inputs), its mean y, z_L..z_1."""
+
+    u: torch.Tensor | None
+    u_mean: torch.Tensor | None
+    z: list[torch.Tensor]
+
+
+@dataclass
+class _TopDown:
+    z: list[torch.Tensor]  # z_L..z_1
+    kl: torch.Tensor  # (B, L), analytic (single-sample for a VampPrior top layer)
+    log_ratio: torch.Tensor | None  # (B, L): log p(z_l | .) - log q(z_l | .) at the sample
+    mu_q: list[torch.Tensor]
+
+
+class TopDownBlock(nn.Module):
+    """One stochastic layer z_l: prior net, posterior net and the state update (SPEC §6)."""
+
+    def __init__(self, cfg: DVPConfig, res: int, scale: int, cond_ch: int, last: bool,
+                 upsample_to: int | None):
+        super().__init__()
+        ch, hid, cz, init = cfg.num_ch, cfg.hidden_ch, cfg.latent_width, scaled_init_factor(cfg.num_latents)
+        self.res, self.scale, self.last, self.upsample_to = res, scale, last, upsample_to
+        self.latent_width = cz
+        self.logvar_range = (cfg.min_logvar, cfg.max_logvar)
+        self.prior_net = DecoderResBlock(ch + cond_ch, hid, 2 * cz + ch, last_scale=0.0)
+        self.posterior_net = DecoderResBlock(ch, hid, 2 * cz, last_scale=0.0)
+        if not last:  # the last block's state is never read: it gets no update path at all
+            self.z_up = conv1x1(cz, ch)
+            with torch.no_grad():
+                self.z_up.weight.mul_(init)
+            self.resnet = DecoderResBlock(ch, hid, ch, last_scale=init)
+
+    def prior(self, s: torch.Tensor, cond: torch.Tensor | None):
+        """(mu_p, logvar_p, h) from the state and the pooled pseudo-input image."""
+        inp = s if cond is None else torch.cat([s, cond.to(s.dtype)], dim=1)
+        cz = self.latent_width
+        out = self.prior_net(inp)
+        return out[:, :cz], out[:, cz:2 * cz].clamp(*self.logvar_range), out[:, 2 * cz:]
+
+    def posterior(self, s: torch.Tensor, e: torch.Tensor):
+        """(mu_q, logvar_q); q sees the encoder features and the state, not u."""
+        out = self.posterior_net((e + s) * (1.0 / math.sqrt(2.0)))
+        return out[:, :self.latent_width], out[:, self.latent_width:].clamp(*self.logvar_range)
+
+    def update(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Next state from s (already s + h) and z."""
+        s = self.resnet(s + self.z_up(z.to(s.dtype)))
+        if self.upsample_to is not None:
+            s = F.interpolate(s, size=(self.upsample_to, self.upsample_to), mode="bilinear", align_corners=False)
+        return s
+
+
+class DVPVAE(nn.Module):
+    def __init__(self, config: DVPConfig):
+        super().__init__()
+        if not isinstance(config, DVPConfig):
+            raise TypeError(f"DVPVAE expects a DVPConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.validate_inputs = True  # input range/finiteness checks cost one host sync per call
+        c, size = cfg.image_channels, cfg.image_size
+        self.resolutions = cfg.scale_resolutions()  # bottom-up
+        pools = [1 if (i == 0 and cfg.start_scale_at_x) else 2 for i in range(len(self.resolutions))]
+        self.encoder = Encoder(c, cfg.num_ch, cfg.hidden_ch, cfg.enc_blocks_per_scale, pools)
+
+        cond_ch = c if cfg.pseudoinputs else 0
+        self.blocks = nn.ModuleList()
+        top_down_scales = list(reversed(range(len(cfg.latent_scales))))
+        for i in top_down_scales:
+            for j in range(cfg.latent_scales[i]):
+                last_of_scale = j == cfg.latent_scales[i] - 1
+                self.blocks.append(TopDownBlock(
+                    cfg, self.resolutions[i], i, cond_ch, last=(i == 0 and last_of_scale),
+                    upsample_to=self.resolutions[i - 1] if (last_of_scale and i > 0) else None))
+
+        self.z_to_features = conv1x1(cfg.latent_width, cfg.num_ch)
+        out_ch = c if cfg.likelihood == "bernoulli" else cfg.num_mix * (3 * c + 1)
+        self.likelihood_head = conv3x3(cfg.num_ch, out_ch)
+
+        self.pseudo: PseudoInput | None = PseudoInput(cfg) if cfg.pseudoinputs else None
+        self.u_prior: nn.Module | None = None
+        self.vamp: VampPseudoImages | None = None
+        if cfg.pseudoinputs and cfg.prior == "diffusion":
+            self.u_prior = DiffusionPrior(c, cfg.pseudoinput_size, cfg.diffusion_channels, cfg.diffusion_res_blocks,
+                                          cfg.diffusion_dropout, cfg.diffusion_groups, cfg.gamma_min, cfg.gamma_max)
+        elif cfg.pseudoinputs and cfg.prior == "mog":
+            self.u_prior = MoGPrior(self.pseudo.shape, cfg.mog_components)
+        elif cfg.prior == "vampprior":
+            self.vamp = VampPseudoImages(cfg.num_pseudoinputs, (c, size, size))
+
+    # --- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "DVPVAE":
+        """The model of a dataset preset ("mnist", "omniglot", "cifar10"), with DVPConfig overrides."""
+        return cls(model_preset(name, **overrides))
+
+    @property
+    def num_latents(self) -> int:
+        return self.config.num_latents
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def device(self) -> torch.device:
+        return self.likelihood_head.weight.device
+
+    def fit_pseudoinput_scale(self, images: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+        """Set the DCT normaliser S from training images (uint8 or [-1, 1] floats); returns S."""
+        if self.pseudo is None:
+            raise RuntimeError("this model has no pseudo-inputs (pseudoinputs=False)")
+        return self.pseudo.fit_scale(images, batch_size)
+
+    # --- input handling -----------------------------------------------------------------------------
+    def _check_images(self, x: torch.Tensor, name: str = "x") -> None:
+        cfg = self.config
+        expected = (cfg.image_channels, cfg.image_size, cfg.image_size)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, {expected[0]}, {expected[1]}, "
+                            f"{expected[2]}), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor in [-1, 1], got dtype {x.dtype} "
+                            f"(convert uint8 images with x.float() / 127.5 - 1)")
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected or x.shape[0] == 0:
+            raise ValueError(f"{name} must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}) for the "
+                             f"{cfg.name!r} configuration, got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {self.device}")
+        if self.validate_inputs and not torch.compiler.is_compiling():
+            lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # one host sync for both checks
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"{name} contains NaN or infinite values")
+            if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+                raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.encoder_input_mean is None:
+            return x
+        return (x * 127.5 + 127.5 - cfg.encoder_input_mean) / cfg.encoder_input_std
+
+    def likelihood_target(self, x: torch.Tensor) -> torch.Tensor:
+        """Bernoulli: a fresh dynamic binarisation of (x + 1) / 2; DML: x itself."""
+        if self.config.likelihood == "bernoulli":
+            return torch.bernoulli((x.float() + 1.0) * 0.5)
+        return x
+
+    # --- pseudo-inputs --------------------------------------------------------------------------------
+    def _condition_pyramid(self, u: torch.Tensor | None) -> dict[int, torch.Tensor] | None:
+        """u_img = f^dagger(u) once, average-pooled once per latent resolution."""
+        if u is None:
+            return None
+        image = self.pseudo.image(u)
+        size = self.config.image_size
+        return {res: (image if res == size else F.avg_pool2d(image, size // res)) for res in set(self.resolutions)}
+
+    def _u_term(self, u: torch.Tensor, eps: torch.Tensor, grid_steps: int | None = None,
+                entropy: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log r(u|x) or -H[r], -log r_hat(u)) per row."""
+        entropy = entropy or self.config.entropy
+        neg_h = self.pseudo.log_prob_at_sample(eps) if entropy == "sample" else self.pseudo.neg_entropy(u.shape[0])
+        return neg_h, self.u_prior.neg_log_prob(u, grid_steps)
+
+    # --- the top-down pass ----------------------------------------------------------------------------
+    def _initial_state(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        r = self.resolutions[-1]
+        return torch.ones(batch, self.config.num_ch, r, r, device=self.device, dtype=dtype)
+
+    def _vamp_components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-layer posteriors q(z_L | x_k) of the K pseudo-images: (mu, logvar), each (K, c_z, r, r)."""
+        pseudo = self.vamp()
+        e = self.encoder(self._encoder_input(pseudo))[-1]
+        return self.blocks[0].posterior(self._initial_state(pseudo.shape[0], e.dtype), e)
+
+    def _top_down(self, feats: list[torch.Tensor], cond: dict[int, torch.Tensor] | None,
+                  log_ratio: bool = False) -> _TopDown:
+        """Posterior pass: z_l ~ q(z_l | x, z_>l), analytic KL per layer."""
+        batch = feats[0].shape[0]
+        s = self._initial_state(batch, feats[0].dtype)
+        vamp = self._vamp_components() if self.vamp is not None else None
+        zs, kls, ratios, mus = [], [], [], []
+        for idx, block in enumerate(self.blocks):
+            mu_p, lv_p, h = block.prior(s, None if cond is None else cond[block.res])
+            mu_q, lv_q = block.posterior(s, feats[block.scale])
+            if idx == 0 and vamp is not None:
+                z = mu_q + torch.exp(0.5 * lv_q) * torch.randn_like(mu_q)
+                ratio = mixture_log_prob(z, *vamp) - gaussian_log_prob(z, mu_q, lv_q)
+                kl = -ratio  # single-sample KL: the mixture has no closed form
+            else:
+                z, kl = gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p)
+                ratio = gaussian_log_prob(z, mu_p, lv_p) - gaussian_log_prob(z, mu_q, lv_q) if log_ratio else None
+            zs.append(z)
+            kls.append(kl)
+            ratios.append(ratio)
+            mus.append(mu_q)
+            if not block.last:
+                s = block.update(s + h, z)
+        return _TopDown(zs, torch.stack(kls, 1), torch.stack(ratios, 1) if log_ratio else None, mus)
+
+    def _top_down_prior(self, batch: int, cond: dict[int, torch.Tensor] | None,
+                        temperature: float) -> list[torch.Tensor]:
+        """Generative pass: z_l ~ p(z_l | z_>l, u) with every variance multiplied by `temperature`."""
+        s = self._initial_state(batch, self.likelihood_head.weight.dtype)
+        log_t = math.log(temperature) if temperature > 0 else -math.inf
+        zs = []
+        for idx, block in enumerate(self.blocks):
+            mu_p, lv_p, h = block.prior(s, None if cond is None else cond[block.res])
+            if idx == 0 and self.vamp is not None:
+                mu_k, lv_k = self._vamp_components()
+                pick = torch.randint(0, mu_k.shape[0], (batch,), device=s.device)
+                mu_p, lv_p = mu_k[pick], lv_k[pick]
+            z = mu_p + torch.exp(0.5 * (lv_p + log_t)) * torch.randn_like(mu_p)
+            zs.append(z)
+            if not block.last:
+                s = block.update(s + h, z)
+        return zs
+
+    def likelihood_params(self, zs: list[torch.Tensor]) -> torch.Tensor:
+        """Latent aggregation (Eq. 18): a = sum_l Up(z_l) / sqrt(L), then Conv3x3(Conv1x1(a)).
+
+        Upsampling is linear, so latents of one scale are summed before a single upsample.
+        """
+        size = self.config.image_size
+        per_scale: dict[int, torch.Tensor] = {}
+        for block, z in zip(self.blocks, zs):
+            per_scale[block.res] = per_scale[block.res] + z if block.res in per_scale else z
+        agg = None
+        for res, total in per_scale.items():
+            up = total if res == size else F.interpolate(total, size=(size, size), mode="bilinear",
+                                                         align_corners=False)
+            agg = up if agg is None else agg + up
+        agg = agg * (1.0 / math.sqrt(len(zs)))
+        return self.likelihood_head(self.z_to_features(agg.to(self.z_to_features.weight.dtype)))
+
+    def log_likelihood(self, target: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log p(target | params) per image, (B,) nats."""
+        cfg = self.config
+        if cfg.likelihood == "bernoulli":
+            logits = params.float()
+            if cfg.bernoulli_logit_clamp is not None:
+                logits = logits.clamp(-cfg.bernoulli_logit_clamp, cfg.bernoulli_logit_clamp)
+            bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+            return -bce.flatten(1).sum(1)
+        return dml_log_prob(target, params, cfg.num_mix)
+
+    def params_to_images(self, params: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Bernoulli: the mean image; DML: an 8-bit sample. Both in [-1, 1]."""
+        if self.config.likelihood == "bernoulli":
+            return torch.sigmoid(params.float()) * 2.0 - 1.0
+        return dml_sample(params, temperature, self.config.num_mix)
+
+    # --- public API -----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> DVPOutput:
+        """Negative ELBO of x (B, C, D, D) in [-1, 1].
+
+        `target` overrides the likelihood target (by default a fresh binarisation for Bernoulli).
+        """
+        self._check_images(x)
+        target = self.likelihood_target(x) if target is None else target
+        feats = self.encoder(self._encoder_input(x))
+        kl_parts = []
+        cond = None
+        if self.pseudo is not None:
+            u, eps = self.pseudo.sample(self.pseudo.mean(x))
+            neg_h, neg_log_prior = self._u_term(u, eps)
+            kl_parts.append((neg_h + neg_log_prior).unsqueeze(1))
+            cond = self._condition_pyramid(u)
+        td = self._top_down(feats, cond)
+        kl_parts.append(td.kl)
+        params = self.likelihood_params(td.z)
+        recon = -self.log_likelihood(target, params)
+        kl = torch.cat(kl_parts, dim=1)
+        elbo = -(recon + kl.sum(1))
+        loss = -elbo.mean() / (self.config.pixels * LN2)
+        return DVPOutput(loss=loss, elbo=elbo, recon=recon, kl=kl, params=params)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> Encoding:
+        """A posterior draw: u ~ r(u|x) with its mean f(x), and z_L..z_1 ~ q(z | x, u)."""
+        self._check_images(x)
+        u = y = cond = None
+        if self.pseudo is not None:
+            y = self.pseudo.mean(x)
+            u, _ = self.pseudo.sample(y)
+            cond = self._condition_pyramid(u)
+        td = self._top_down(self.encoder(self._encoder_input(x)), cond)
+        return Encoding(u=u, u_mean=y, z=td.z)
+
+    @torch.no_grad()
+    def decode(self, u: torch.Tensor | None, temperature: float = 1.0, n: int | None = None) -> torch.Tensor:
+        """Images (B, C, D, D) in [-1, 1] from pseudo-inputs u (B, C, d, d) through the prior ladder."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if self.pseudo is not None:
+            expected = self.pseudo.shape
+            if not isinstance(u, torch.Tensor) or u.dim() != 4 or tuple(u.shape[1:]) != expected:
+                got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+                raise ValueError(f"u must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {got}")
+            batch = u.shape[0]
+            cond = self._condition_pyramid(u.to(self.device, torch.float32))
+        else:
+            if n is None:
+                raise ValueError("a model without pseudo-inputs decodes from the prior: pass u=None and n")
+            batch, cond = n, None
+        zs = self._top_down_prior(batch, cond, temperature)
+        return self.params_to_images(self.likelihood_params(zs))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, steps: int | None = None) -> torch.Tensor:
+        """n images (n, C, D, D) in [-1, 1]: u from its prior in `steps` steps, then the decoder.
+
+        `temperature` multiplies the variance of every latent, u's sampler included.
+        Bernoulli models return the mean image, DML models an 8-bit sample.
+        """
+        if int(n) < 1:
+            raise ValueError(f"n must be a positive integer, got {n}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        steps = self.config.sample_steps if steps is None else int(steps)
+        u = None
+        if self.u_prior is not None:
+            u = self.u_prior.sample(int(n), steps=steps, temperature=temperature, device=self.device)
+        return self.decode(u, temperature=temperature, n=int(n))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Images decoded from a posterior draw of x: the Bernoulli mean or a DML sample."""
+        return self.params_to_images(self.likelihood_params(self.encode(x).z))
+
+    @torch.no_grad()
+    def log_weights(self, x: torch.Tensor, target: torch.Tensor, grid_steps: int | None = None) -> torch.Tensor:
+        """Importance log-weights log p(x, z, u) - log q(z, u | x), one per row, (B,).
+
+        -log r_hat(u) is the diffusion bound averaged over a grid of `grid_steps` times
+        (default: config.diffusion_eval_steps).
+        """
+        feats = self.encoder(self._encoder_input(x))
+        log_w = 0.0
+        cond = None
+        if self.pseudo is not None:
+            u, eps = self.pseudo.sample(self.pseudo.mean(x))
+            grid = grid_steps or self.config.diffusion_eval_steps
+            log_r, neg_log_prior = self._u_term(u, eps, grid_steps=grid, entropy="sample")
+            log_w = -neg_log_prior - log_r
+            cond = self._condition_pyramid(u)
+        td = self._top_down(feats, cond, log_ratio=True)
+        return log_w + td.log_ratio.sum(1) + self.log_likelihood(target, self.likelihood_params(td.z))
+
+    @torch.no_grad()
+    def nll(self, x: torch.Tensor, num_samples: int = 1000, max_rows: int = 4096) -> torch.Tensor:
+        """Importance-weighted (IWAE) estimate of -log p(x), (B,) nats.
+
+        Each image is binarised once (Bernoulli), then `num_samples` draws of (u, z) are
+        processed in chunks of at most `max_rows` rows with a streaming logsumexp on device.
+        """
+        self._check_images(x)
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        batch = x.shape[0]
+        target = self.likelihood_target(x)
+        per_chunk = max(1, int(max_rows) // batch)
+        running = torch.full((batch,), -math.inf, device=x.device)
+        for start in range(0, num_samples, per_chunk):
+            k = min(per_chunk, num_samples - start)
+            rep = lambda t: t.repeat_interleave(k, dim=0)  # rows b*k .. b*k+k-1 belong to image b
+            log_w = self.log_weights(rep(x), rep(target)).view(batch, k)
+            running = torch.logaddexp(running, torch.logsumexp(log_w, dim=1))
+        return -(running - math.log(num_samples))
+
+    @torch.no_grad()
+    def active_units(self, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 500,
+                     per_layer: bool = False):
+        """Fraction of latent units z_1..z_L whose posterior mean varies over x by more than `threshold`.
+
+        A_u = Cov_x(E_q[z_u]) > delta (Eq. 23-24), with the variance taken over the whole of x
+        (not per batch), each posterior mean given one draw of the layers above.
+        Returns a float, or a list of per-layer fractions (z_L first) with per_layer=True.
+        """
+        self._check_images(x)
+        sums = squares = None
+        count = 0
+        for start in range(0, x.shape[0], batch_size):
+            chunk = x[start:start + batch_size]
+            cond = None
+            if self.pseudo is not None:
+                cond = self._condition_pyramid(self.pseudo.sample(self.pseudo.mean(chunk))[0])
+            mus = self._top_down(self.encoder(self._encoder_input(chunk)), cond).mu_q
+            flat = [m.double().flatten(1) for m in mus]
+            s = [f.sum(0) for f in flat]
+            q = [f.pow(2).sum(0) for f in flat]
+            sums = s if sums is None else [a + b for a, b in zip(sums, s)]
+            squares = q if squares is None else [a + b for a, b in zip(squares, q)]
+            count += chunk.shape[0]
+        variances = [sq / count - (sm / count) ** 2 for sm, sq in zip(sums, squares)]
+        active = [(v > threshold) for v in variances]
+        if per_layer:
+            return [a.double().mean().item() for a in active]
+        return torch.cat(active).double().mean().item()
