@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import DVPConfig, model_preset
 from .diffusion import DiffusionPrior
 from .layers import DecoderResBlock, Encoder, conv1x1, conv3x3, scaled_init_factor
@@ -140,6 +141,23 @@ class DVPVAE(nn.Module):
     def from_preset(cls, name: str, **overrides: Any) -> "DVPVAE":
         """The model of a dataset preset ("mnist", "omniglot", "cifar10"), with DVPConfig overrides."""
         return cls(model_preset(name, **overrides))
+
+    @classmethod
+    def from_checkpoint(cls, path_or_dir: str, ema: bool = True, map_location="cpu") -> "DVPVAE":
+        """Load a model saved by dvp-train: a .pt file, or a run folder (its best.pt, else last.pt).
+
+        ema=True (default) loads the exponential moving average of the weights, which is what
+        the paper evaluates; ema=False the raw training weights.
+        """
+        path = resolve_checkpoint(path_or_dir)
+        payload = load_checkpoint(path, map_location)
+        model = cls(DVPConfig.from_dict(payload["model_config"]))
+        key = "ema" if ema and "ema" in payload else "model"
+        try:
+            model.load_state_dict(payload[key])
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path}: weights do not fit the stored configuration: {exc}") from exc
+        return model.to(map_location) if not isinstance(map_location, dict) else model
 
     @property
     def num_latents(self) -> int:

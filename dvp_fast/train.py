@@ -1,0 +1,524 @@
+"""dvp-train: train a DVP-VAE, resume exactly, log, checkpoint and draw samples.
+
+    dvp-train --preset mnist --out runs/mnist                 # embedded MNIST, any machine
+    dvp-train --preset mnist --data mnist --data-dir ~/mnist --out runs/mnist-full
+    torchrun --nproc_per_node=2 -m dvp_fast.train --preset cifar10 --data cifar10 --data-dir ~/cifar --out runs/c
+
+The run folder holds last.pt (newest), best.pt (best validation ELBO), metrics.csv,
+config.json and samples/*.png. Re-running the same command with the same --out
+continues from last.pt: model, EMA, optimiser, schedule, RNG states and the position
+in the data, so a resumed CPU run reproduces an uninterrupted one exactly.
+
+The hot loop never waits on the device: metrics are accumulated there and read every
+--log-every steps, gradient clipping and non-finite-step skipping happen on device.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import data as datasets
+from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from .config import PRESETS, DVPConfig, TrainConfig, model_preset, train_preset
+from .images import save_grid
+from .model import DVPVAE
+
+METRIC_FIELDS = ["step", "epoch", "lr", "loss", "elbo", "recon", "kl", "grad_norm", "skipped", "images_per_s",
+                 "val_loss", "val_elbo", "active_units", "time_s"]
+
+
+# --- schedule, optimiser, EMA ------------------------------------------------------------------------
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_epochs`, times a cosine from lr to eta_min over `cosine_epochs`."""
+    warmup = max(1.0, cfg.warmup_epochs * steps_per_epoch)
+    period = max(1.0, cfg.cosine_epochs * steps_per_epoch)
+    floor = cfg.eta_min / cfg.lr
+    cosine = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step / period, 1.0)))
+    return min(1.0, (step + 1) / warmup) * cosine
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adamax (coupled weight decay) over the trainable weights, with its state created up front.
+
+    Creating the moments before the first step lets a skipped first step be undone like
+    any other; on CUDA the step counters live on the device (capturable) so nothing syncs.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    capturable = params[0].is_cuda
+    opt = torch.optim.Adamax(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, foreach=True, capturable=capturable)
+    for p in params:
+        step = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
+        opt.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_inf": torch.zeros_like(p)}
+    return opt
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, updated with one foreach lerp."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.source = [p for p in model.parameters() if p.requires_grad]
+        self.target = [p for p, q in zip(self.model.parameters(), model.parameters()) if q.requires_grad]
+
+    @torch.no_grad()
+    def update(self, weight: torch.Tensor) -> None:
+        """ema += (1 - decay) * weight * (param - ema); weight is 0 for a skipped step, else 1."""
+        delta = torch._foreach_sub(self.source, self.target)
+        torch._foreach_mul_(delta, weight * (1.0 - self.decay))
+        torch._foreach_add_(self.target, delta)
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+# --- the step ----------------------------------------------------------------------------------------------
+@dataclass
+class StepState:
+    """Device-side counters, read only when logging."""
+
+    sums: torch.Tensor  # [loss_bpd, -elbo nats, recon, kl, finite steps] over the logging interval
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor  # total skipped steps
+    consecutive: torch.Tensor  # skipped steps in a row
+
+    @classmethod
+    def zeros(cls, device) -> "StepState":
+        z = lambda *s: torch.zeros(*s, device=device)
+        return cls(z(5), z(()), z(()), z(()))
+
+
+class Trainer:
+    def __init__(self, model: DVPVAE, cfg: TrainConfig, steps_per_epoch: int, precision: str = "fp32",
+                 ddp_model: torch.nn.Module | None = None):
+        self.model, self.cfg, self.steps_per_epoch = model, cfg, steps_per_epoch
+        self.net = ddp_model if ddp_model is not None else model  # what the forward goes through
+        self.device = model.device
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
+        self.ema = EMA(model, cfg.ema_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state = StepState.zeros(self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self._backup: list[torch.Tensor] | None = None
+
+    def step(self, x: torch.Tensor) -> None:
+        """One optimisation step on batch x, without a host sync."""
+        self.optimizer.zero_grad(set_to_none=False)
+        with self.autocast:
+            out = self.net(x)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
+        ok = torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)
+        self._sanitize_grads(ok)
+        backup = self._snapshot()
+        self.optimizer.step()
+        self.scheduler.step()
+        self._restore_if_skipped(backup, ok.float())
+        self.ema.update(ok.float())
+        self._accumulate(out, grad_norm, ok.float())
+
+    def _sanitize_grads(self, ok: torch.Tensor) -> None:
+        """Zero every gradient of a non-finite step (NaN * 0 is NaN, hence the flat where)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch.where(ok, torch.cat([g.reshape(-1) for g in grads]), 0.0)
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    def _stateful_tensors(self) -> list[torch.Tensor]:
+        """Weights and Adamax moments: what a skipped step must leave untouched."""
+        out = list(self.params)
+        for p in self.params:
+            st = self.optimizer.state.get(p, {})
+            out += [st[k] for k in ("exp_avg", "exp_inf") if k in st]
+        return out
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        tensors = self._stateful_tensors()
+        if self._backup is None:
+            self._backup = [t.detach().clone() for t in tensors]
+        else:
+            torch._foreach_copy_(self._backup, tensors)
+        return self._backup
+
+    def _restore_if_skipped(self, backup: list[torch.Tensor], ok: torch.Tensor) -> None:
+        tensors = self._stateful_tensors()
+        with torch.no_grad():
+            delta = torch._foreach_sub(tensors, backup)
+            torch._foreach_mul_(delta, ok)
+            torch._foreach_add_(backup, delta)  # ok ? new : old
+            torch._foreach_copy_(tensors, backup)
+
+    def _accumulate(self, out, grad_norm: torch.Tensor, ok: torch.Tensor) -> None:
+        st = self.state
+        metrics = torch.stack([out.loss.detach().float(), -out.elbo.detach().float().mean(),
+                               out.recon.detach().float().mean(), out.kl.detach().float().sum(1).mean()])
+        st.sums[:4] += torch.where(ok.bool(), metrics, 0.0)
+        st.sums[4] += ok
+        st.grad_norm = grad_norm.detach()
+        st.skipped += 1.0 - ok
+        st.consecutive = (st.consecutive + 1.0) * (1.0 - ok)
+
+    def read_metrics(self) -> dict:
+        """Host-side view of the interval's metrics (one sync), and reset of the interval sums."""
+        st = self.state
+        values = torch.cat([st.sums, st.grad_norm.view(1), st.skipped.view(1), st.consecutive.view(1)]).tolist()
+        st.sums.zero_()
+        count = max(values[4], 1.0)
+        return dict(loss=values[0] / count, elbo=-values[1] / count, recon=values[2] / count, kl=values[3] / count,
+                    steps=values[4], grad_norm=values[5], skipped=int(values[6]), consecutive=int(values[7]))
+
+    def state_dict(self) -> dict:
+        return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    ema=self.ema.model.state_dict(), skipped=self.state.skipped.item())
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.ema.model.load_state_dict(sd["ema"])
+        self.state.skipped.fill_(sd.get("skipped", 0.0))
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: DVPVAE, images: torch.Tensor, batch_size: int) -> dict:
+    """Negative ELBO (nats and bits/dim) and active units of `model` on uint8 `images`."""
+    was_training = model.training
+    model.eval()
+    batches = datasets.DeviceBatches(images, min(batch_size, images.shape[0]), model.device, shuffle=False,
+                                     drop_last=False)
+    total, count = torch.zeros((), device=model.device), 0
+    for x in batches.batches(0):
+        total += (-model(x).elbo).sum()
+        count += x.shape[0]
+    neg_elbo = total.item() / count
+    au = model.active_units(images[:5000].to(model.device).float() / 127.5 - 1.0, batch_size=batch_size)
+    model.train(was_training)
+    return dict(val_elbo=-neg_elbo, val_loss=neg_elbo / (model.config.pixels * math.log(2.0)), active_units=au)
+
+
+def save_images(model: DVPVAE, val_images: torch.Tensor, folder: str, step: int) -> None:
+    """A grid of 64 samples and one of 32 validation images next to their reconstructions."""
+    os.makedirs(folder, exist_ok=True)
+    save_grid(model.sample(64), os.path.join(folder, f"step{step:07d}_samples.png"), nrow=8)
+    x = val_images[:32].to(model.device).float() / 127.5 - 1.0
+    pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
+    save_grid(pairs, os.path.join(folder, f"step{step:07d}_reconstructions.png"), nrow=16)
+
+
+# --- RNG state ------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- metrics file -------------------------------------------------------------------------------------------
+class MetricsCSV:
+    """metrics.csv with a fixed header; on resume, rows past the checkpoint's step are dropped."""
+
+    def __init__(self, path: str, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+            self._rewrite(kept)
+        elif not os.path.exists(path) or resume_step is None:
+            self._rewrite([])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, METRIC_FIELDS).writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="dvp-train", description="Train a DVP-VAE.")
+    p.add_argument("--preset", default="mnist", choices=PRESETS, help="model and optimisation preset")
+    p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<data>); re-run to resume")
+    p.add_argument("--data", default="embedded", choices=datasets.DATASETS,
+                   help="dataset (default: the 5,000 MNIST digits embedded in the install)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, default=None, help="stop after this many optimisation steps")
+    length.add_argument("--epochs", type=float, default=None, help="stop after this many epochs (preset default)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (preset default)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (preset default)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the network, block by block")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: eval)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: one epoch)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metric reads (each is one sync)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (preset default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every", "log_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.epochs is not None and args.epochs <= 0:
+        p.error(f"--epochs must be > 0, got {args.epochs}")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    return args
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment, initialising the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _compile_blocks(model: DVPVAE) -> None:
+    """Compile the repeated blocks one by one: short compile times, one graph per block class."""
+    for module in [*model.encoder.scales, *model.blocks]:
+        module.compile()
+    if model.u_prior is not None and hasattr(model.u_prior, "unet"):
+        model.u_prior.unet.compile()
+
+
+def _check_writable(folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".write_test{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+        os.remove(probe)
+    except OSError as exc:
+        raise RuntimeError(f"cannot write to the run folder {folder}: {exc}") from exc
+
+
+def _load_data(args, cfg: DVPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    train = datasets.load_images(args.data, "train", root=args.data_dir)
+    val = datasets.load_images(args.data, "val", root=args.data_dir)
+    expected = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    if tuple(train.shape[1:]) != expected:
+        raise ValueError(f"dataset {args.data!r} has images of shape {tuple(train.shape[1:])} but preset "
+                         f"{cfg.name!r} expects {expected}")
+    return train, val
+
+
+def run(args: argparse.Namespace) -> dict:
+    rank, world, local_rank = _distributed()
+    is_main = rank == 0
+    device = _device(args.device, local_rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    overrides = {k: v for k, v in dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed).items() if v is not None}
+    tcfg = train_preset(args.preset, **overrides)
+    mcfg = model_preset(args.preset)
+    out = args.out or os.path.join("runs", f"{args.preset}-{args.data}")
+    if is_main:
+        _check_writable(out)
+    if tcfg.batch_size % world:
+        raise ValueError(f"--batch-size {tcfg.batch_size} must be divisible by the {world} processes")
+
+    last_path = os.path.join(out, LAST)
+    resume = load_checkpoint(last_path) if os.path.exists(last_path) else None
+    if resume is not None:
+        saved = DVPConfig.from_dict(resume["model_config"])
+        if saved != mcfg:
+            raise ValueError(f"{last_path} holds a run of preset {saved.name!r} with another configuration; "
+                             f"choose a new --out to start a {mcfg.name!r} run")
+        tcfg = TrainConfig.from_dict(resume["train_config"])
+        if resume["run"]["data"] != args.data:
+            raise ValueError(f"{last_path} was trained on --data {resume['run']['data']}, not {args.data}")
+
+    seed_everything(tcfg.seed + rank)
+    train_images, val_images = _load_data(args, mcfg)
+    model = DVPVAE(mcfg).to(device)
+    model.validate_inputs = False  # uint8 data converted on device is in range by construction
+    if resume is None and model.pseudo is not None and mcfg.pseudoinput_type == "dct":
+        fit = getattr(datasets, "fit_scale_cached", None)
+        if fit is not None:
+            fit(model, train_images, args.data, "train")
+        else:
+            model.fit_pseudoinput_scale(train_images)
+    batches = datasets.DeviceBatches(train_images, tcfg.batch_size, device, seed=tcfg.seed)
+    steps_per_epoch = len(batches)
+    total_steps = args.max_steps or max(1, int(round((args.epochs or tcfg.epochs) * steps_per_epoch)))
+    eval_every = args.eval_every or steps_per_epoch
+    ckpt_every = args.checkpoint_every or eval_every
+
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ddp = None
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
+                                                        else None)
+    if args.compile:
+        _compile_blocks(model)
+    trainer = Trainer(model, tcfg, steps_per_epoch, args.precision, ddp)
+    trainer.ema.model.validate_inputs = False
+
+    step, epoch, batch_index, best = 0, 0, 0, math.inf
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        trainer.load_state_dict(resume["trainer"])
+        step, epoch, batch_index = resume["step"], resume["epoch"], resume["batch_index"]
+        best = resume.get("best_val_loss", math.inf)
+        if rank == 0:
+            set_rng_state(resume["rng"])
+        else:
+            seed_everything(tcfg.seed + rank + 7919 * step)
+        if is_main:
+            print(f"dvp-train: resuming {last_path} at step {step} (epoch {epoch}, batch {batch_index})", flush=True)
+
+    if is_main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dict(model=mcfg.to_dict(), train=tcfg.to_dict(), run=dict(vars(args), out=out,
+                                                                                    world_size=world)), f, indent=2)
+        metrics = MetricsCSV(os.path.join(out, "metrics.csv"), step if resume is not None else None)
+
+    def checkpoint(path: str, position: tuple[int, int]) -> None:
+        payload = dict(model_config=mcfg.to_dict(), train_config=tcfg.to_dict(), run=dict(data=args.data),
+                       model=model.state_dict(), trainer=trainer.state_dict(), step=step, epoch=position[0],
+                       batch_index=position[1], best_val_loss=best, rng=rng_state(),
+                       ema=trainer.ema.model.state_dict())
+        save_checkpoint(payload, path)
+
+    progress = None
+    if is_main and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc=f"dvp-train {args.preset}", unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+    started, t_interval, step_interval = time.time(), time.perf_counter(), step
+    model.train()
+    summary = {}
+    while step < total_steps:
+        for x in batches.batches(epoch, start=batch_index):
+            if world > 1:
+                x = x[rank::world]
+            trainer.step(x)
+            step += 1
+            batch_index += 1
+            position = (epoch, batch_index) if batch_index < steps_per_epoch else (epoch + 1, 0)
+            done = step >= total_steps
+            row = None
+            if step % args.log_every == 0 or done:
+                m = trainer.read_metrics()
+                elapsed = time.perf_counter() - t_interval
+                ips = (step - step_interval) * tcfg.batch_size / max(elapsed, 1e-9)
+                t_interval, step_interval = time.perf_counter(), step
+                if m["consecutive"] >= 50:
+                    raise RuntimeError(f"training diverged: {m['consecutive']} non-finite steps in a row at step "
+                                       f"{step}; lower --lr or check the data")
+                row = dict(step=step, epoch=step / steps_per_epoch, lr=trainer.scheduler.get_last_lr()[0],
+                           loss=m["loss"], elbo=m["elbo"], recon=m["recon"], kl=m["kl"], grad_norm=m["grad_norm"],
+                           skipped=m["skipped"], images_per_s=ips, time_s=time.time() - started)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{m['loss']:.4f}bpd", nats=f"{-m['elbo']:.2f}",
+                                         img_s=f"{ips:.0f}", skipped=m["skipped"], refresh=False)
+            if (step % eval_every == 0 or done) and is_main:
+                trainer.ema.sync_buffers(model)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    ev = evaluate(trainer.ema.model, val_images, tcfg.eval_batch_size)
+                    save_images(trainer.ema.model, val_images, os.path.join(out, "samples"), step)
+                row = {**(row or dict(step=step, epoch=step / steps_per_epoch)), **ev}
+                summary = ev
+                if ev["val_loss"] < best:
+                    best = ev["val_loss"]
+                    checkpoint(os.path.join(out, BEST), position)
+            if is_main and row is not None:
+                metrics.append(row)
+            if (step % ckpt_every == 0 or done) and is_main:
+                checkpoint(last_path, position)
+            if progress is not None:
+                progress.update(1)
+            if done:
+                break
+        epoch, batch_index = (epoch + 1, 0) if batch_index >= steps_per_epoch else (epoch, batch_index)
+    if progress is not None:
+        progress.close()
+    result = dict(steps=step, best_val_loss=best, out=out, **summary)
+    if is_main:
+        print(f"dvp-train: done: {step} steps in {time.time() - started:.1f} s; best validation "
+              f"{best:.4f} bits/dim; last: {summary.get('val_elbo', float('nan')):.2f} nats ELBO, "
+              f"{summary.get('active_units', float('nan')):.1%} active units; checkpoints in {out}", flush=True)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("dvp-train: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError, CheckpointError, NotImplementedError) as exc:
+        if args.debug:
+            raise
+        print(f"dvp-train: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""dvp-train on CPU: the run folder, exact resume, skipped steps, checkpoints and CLI errors."""
+import csv
+import os
+
+import pytest
+import torch
+
+from dvp_fast import DVPVAE
+from dvp_fast.checkpoint import CheckpointError, load_checkpoint
+from dvp_fast.config import train_preset
+from dvp_fast.train import Trainer, main
+
+FAST = ["--batch-size", "50", "--log-every", "1", "--no-progress", "--seed", "3"]
+
+
+def rows(folder):
+    with open(os.path.join(folder, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(folder):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows(folder) if r["loss"]]
+
+
+def test_run_folder_and_exact_resume(tmp_path, capsys):
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    assert main(["--out", whole, "--max-steps", "6", "--eval-every", "3", *FAST]) == 0
+    assert main(["--out", split, "--max-steps", "3", "--eval-every", "3", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["--out", split, "--max-steps", "6", "--eval-every", "3", *FAST]) == 0
+    assert "resuming" in capsys.readouterr().out
+    # The interrupted-and-resumed run reproduces the uninterrupted one exactly.
+    assert losses(whole) == losses(split) and len(losses(whole)) == 6
+    names = set(os.listdir(whole))
+    assert {"last.pt", "best.pt", "metrics.csv", "config.json", "samples"} <= names
+    assert sorted(os.listdir(os.path.join(whole, "samples"))) == [
+        "step0000003_reconstructions.png", "step0000003_samples.png",
+        "step0000006_reconstructions.png", "step0000006_samples.png"]
+    header = rows(whole)[0].keys()
+    assert {"step", "loss", "val_loss", "active_units"} <= set(header)
+    ckpt = load_checkpoint(os.path.join(whole, "last.pt"))
+    assert ckpt["step"] == 6
+    ema = DVPVAE.from_checkpoint(whole)
+    raw = DVPVAE.from_checkpoint(os.path.join(whole, "last.pt"), ema=False)
+    assert not torch.equal(ema.likelihood_head.weight, raw.likelihood_head.weight)
+    assert torch.equal(raw.likelihood_head.weight, ckpt["model"]["likelihood_head.weight"])
+
+
+def test_a_non_finite_step_leaves_no_trace():
+    torch.manual_seed(0)
+    model = DVPVAE.from_preset("mnist")
+    model.validate_inputs = False
+    trainer = Trainer(model, train_preset("mnist"), steps_per_epoch=10)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    trainer.step(x)
+    before = [t.clone() for t in trainer._stateful_tensors()]
+    ema_before = [p.clone() for p in trainer.ema.model.parameters()]
+    poison = model.likelihood_head.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+    trainer.step(x)
+    poison.remove()
+    after = trainer._stateful_tensors()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.model.parameters()))
+    m = trainer.read_metrics()
+    assert m["skipped"] == 1 and m["consecutive"] == 1 and m["steps"] == 1
+    trainer.step(x)
+    assert trainer.read_metrics()["consecutive"] == 0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["--out", out, "--max-steps", "1", *FAST]) == 0
+    capsys.readouterr()
+    code = main(["--out", out, "--preset", "omniglot", "--max-steps", "2", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "preset 'mnist'" in err
+    code = main(["--out", str(tmp_path / "c"), "--preset", "cifar10", "--max-steps", "1", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "expects (3, 32, 32)" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "svhn"])
+    assert exc.value.code == 2
+
+
+def test_corrupt_checkpoint_is_explained(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="last.pt"):
+        DVPVAE.from_checkpoint(str(bad))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        DVPVAE.from_checkpoint(str(tmp_path / "nothing_here")) if os.makedirs(tmp_path / "nothing_here") is None \
+            else None
