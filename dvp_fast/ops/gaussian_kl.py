@@ -64,7 +64,7 @@ def gaussian_sample_kl_torch(mu_q, logvar_q, mu_p, logvar_p, noise=None):
         noise = torch.randn_like(mu_q32)
     z = mu_q32 + torch.exp(0.5 * lv_q) * noise.float()
     kl = 0.5 * (lv_p - lv_q + (torch.exp(lv_q) + (mu_q32 - mu_p32) ** 2) * torch.exp(-lv_p) - 1.0)
-    return z.to(mu_q.dtype), kl.flatten(1).sum(1)
+    return z.to(mu_q.dtype), kl.reshape(kl.shape[0], -1).sum(1)  # reshape: 1-D (B,) inputs too
 
 
 @register("gaussian_sample_kl_grouped", "torch")
@@ -77,4 +77,4 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
     """log N(z; mu, e^logvar) summed over every non-batch dimension, (B,)."""
     z, mu, logvar = z.float(), mu.float(), logvar.float()
     elem = -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 * torch.exp(-logvar))
-    return elem.flatten(1).sum(1)
+    return elem.reshape(elem.shape[0], -1).sum(1)
