@@ -74,43 +74,71 @@ class DiffusionPrior(nn.Module):
         return loss if grid_steps is None else loss.view(b, grid_steps).mean(1)
 
     # --- sampling ---------------------------------------------------------------------------
-    def ancestral_coefficients(self, steps: int, device: torch.device) -> torch.Tensor:
-        """Per-step constants of the ancestral sampler, (steps, 6) float32, step i = T..1 in order.
+    SAMPLERS = ("ancestral", "ddim")
+
+    def sampler_coefficients(self, steps: int, sampler: str, device: torch.device) -> torch.Tensor:
+        """Per-step constants, (steps, 6) float32, for step i = T..1 in order, with t = i/T, s = (i-1)/T.
 
         Columns: t, 1/alpha_t, sigma_t, coefficient of z_t, coefficient of x_hat, std of z_s.
-        Computed in float64 once per call; the loop only indexes rows (no host syncs).
+        "ancestral" draws z_s from q(z_s | z_t, x = x_hat) (VDM); "ddim" is the deterministic
+        respaced update z_s = alpha_s x_hat + sigma_s eps(x_hat), usable with few steps.
+        Computed in float64 once; the sampling loop only indexes rows (no host syncs).
         """
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         i = torch.arange(steps, 0, -1, dtype=torch.float64)
         t, s = i / steps, (i - 1) / steps
         g_t, g_s = self.gamma(t), self.gamma(s)
         alpha_t, alpha_s = torch.sigmoid(-g_t).sqrt(), torch.sigmoid(-g_s).sqrt()
         var_t, var_s = torch.sigmoid(g_t), torch.sigmoid(g_s)
-        # sigma^2_{t|s} = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 = sigma_t^2 (1 - e^{gamma_s - gamma_t}) (VDM eq. 33)
-        var_ts = -torch.expm1(F.softplus(g_s) - F.softplus(g_t)) * var_t
-        alpha_ts = alpha_t / alpha_s
-        coef_z = alpha_ts * var_s / var_t
-        coef_x = alpha_s * var_ts / var_t
-        std = torch.sqrt(var_ts * var_s / var_t)
+        if sampler == "ancestral":
+            # sigma^2_{t|s} = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 = sigma_t^2 (1 - e^{gamma_s - gamma_t})
+            var_ts = -torch.expm1(F.softplus(g_s) - F.softplus(g_t)) * var_t
+            coef_z = (alpha_t / alpha_s) * var_s / var_t
+            coef_x = alpha_s * var_ts / var_t
+            std = torch.sqrt(var_ts * var_s / var_t)
+        else:
+            ratio = torch.sqrt(var_s / var_t)  # sigma_s / sigma_t
+            coef_z, coef_x, std = ratio, alpha_s - ratio * alpha_t, torch.zeros_like(t)
         table = torch.stack([t, 1.0 / alpha_t, var_t.sqrt(), coef_z, coef_x, std], dim=1)
         return table.to(device=device, dtype=torch.float32)
 
+    def _cached_coefficients(self, steps: int, sampler: str, device: torch.device) -> torch.Tensor:
+        """The table, made once per (steps, sampler, device): a CUDA graph cannot copy from the host."""
+        cache = self.__dict__.setdefault("_coefficient_cache", {})
+        key = (steps, sampler, device)
+        if key not in cache:
+            cache[key] = self.sampler_coefficients(steps, sampler, device)
+        return cache[key]
+
     @torch.no_grad()
-    def sample(self, n: int, steps: int, temperature: float = 1.0,
-               device: torch.device | str | None = None) -> torch.Tensor:
-        """u ~ r_hat in `steps` ancestral steps, (n, C, d, d); temperature scales every variance."""
-        if steps < 1:
+    def sample(self, n: int, steps: int, temperature: float = 1.0, device: torch.device | str | None = None,
+               sampler: str = "ancestral", step_fn=None) -> torch.Tensor:
+        """u ~ r_hat in `steps` steps, (n, C, d, d); `temperature` multiplies every variance.
+
+        `step_fn` replaces `denoise_step` (a compiled version of it, say); noise is drawn here,
+        outside it, so that compiled and eager sampling consume the RNG identically.
+        """
+        if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        device = device if device is not None else next(self.parameters()).device
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        step_fn = step_fn or self.denoise_step
         noise_scale = math.sqrt(temperature)
-        table = self.ancestral_coefficients(steps, torch.device(device))
+        table = self._cached_coefficients(int(steps), sampler, device)
+        was_training = self.training
+        self.eval()  # no dropout while sampling
         z = noise_scale * torch.randn(n, *self.shape, device=device)
-        for k in range(steps):
-            z = self._ancestral_step(z, table[k], noise_scale)
+        for k in range(int(steps)):
+            noise = noise_scale * torch.randn_like(z) if sampler == "ancestral" else None
+            z = step_fn(z, table[k], noise)
+        self.train(was_training)
         alpha0 = math.sqrt(_sigmoid(-self.gamma_min))
         return z / alpha0  # mean of p(u | z_0) = N(z_0 / alpha_0, e^gamma_min)
 
-    def _ancestral_step(self, z: torch.Tensor, row: torch.Tensor, noise_scale: float) -> torch.Tensor:
+    def denoise_step(self, z: torch.Tensor, row: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """One sampler step z_t -> z_s given a row of `sampler_coefficients` and (scaled) noise."""
         t, inv_alpha, sigma, coef_z, coef_x, std = row.unbind()
         eps_hat = self.unet(z, t.expand(z.shape[0])).float()
         x_hat = ((z - sigma * eps_hat) * inv_alpha).clamp(-1.0, 1.0)
-        return coef_z * z + coef_x * x_hat + noise_scale * std * torch.randn_like(z)
+        z_s = coef_z * z + coef_x * x_hat
+        return z_s if noise is None else z_s + std * noise

@@ -262,19 +262,27 @@ class DVPVAE(nn.Module):
                 s = block.update(s + h, z)
         return _TopDown(zs, torch.stack(kls, 1), torch.stack(ratios, 1) if log_ratio else None, mus)
 
-    def _top_down_prior(self, batch: int, cond: dict[int, torch.Tensor] | None,
-                        temperature: float) -> list[torch.Tensor]:
-        """Generative pass: z_l ~ p(z_l | z_>l, u) with every variance multiplied by `temperature`."""
-        s = self._initial_state(batch, self.likelihood_head.weight.dtype)
-        log_t = math.log(temperature) if temperature > 0 else -math.inf
+    def _prior_noises(self, batch: int) -> list[torch.Tensor]:
+        """Standard-normal noise for every z_l (z_L first), drawn before the generative pass."""
+        cz = self.config.latent_width
+        return [torch.randn(batch, cz, b.res, b.res, device=self.device) for b in self.blocks]
+
+    def _top_down_prior(self, cond: dict[int, torch.Tensor] | None, noises: list[torch.Tensor],
+                        temperature: float, vamp_pick: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Generative pass: z_l = mu_p + sqrt(temperature) sigma_p noise_l, top-down.
+
+        Pure given its inputs (no RNG inside), so it can be compiled or graph-captured and
+        still match the eager pass draw for draw.
+        """
+        s = self._initial_state(noises[0].shape[0], self.likelihood_head.weight.dtype)
+        scale = math.sqrt(temperature)
         zs = []
         for idx, block in enumerate(self.blocks):
             mu_p, lv_p, h = block.prior(s, None if cond is None else cond[block.res])
-            if idx == 0 and self.vamp is not None:
+            if idx == 0 and vamp_pick is not None:
                 mu_k, lv_k = self._vamp_components()
-                pick = torch.randint(0, mu_k.shape[0], (batch,), device=s.device)
-                mu_p, lv_p = mu_k[pick], lv_k[pick]
-            z = mu_p + torch.exp(0.5 * (lv_p + log_t)) * torch.randn_like(mu_p)
+                mu_p, lv_p = mu_k[vamp_pick], lv_k[vamp_pick]
+            z = mu_p + scale * torch.exp(0.5 * lv_p) * noises[idx]
             zs.append(z)
             if not block.last:
                 s = block.update(s + h, z)
@@ -361,31 +369,58 @@ class DVPVAE(nn.Module):
             if not isinstance(u, torch.Tensor) or u.dim() != 4 or tuple(u.shape[1:]) != expected:
                 got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
                 raise ValueError(f"u must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {got}")
-            batch = u.shape[0]
-            cond = self._condition_pyramid(u.to(self.device, torch.float32))
-        else:
-            if n is None:
-                raise ValueError("a model without pseudo-inputs decodes from the prior: pass u=None and n")
-            batch, cond = n, None
-        zs = self._top_down_prior(batch, cond, temperature)
+        elif n is None:
+            raise ValueError("a model without pseudo-inputs decodes from the prior: pass u=None and n")
+        return self._decode(u, temperature, n if u is None else u.shape[0])
+
+    def _decode(self, u: torch.Tensor | None, temperature: float, batch: int, prior_pass=None) -> torch.Tensor:
+        cond = None if u is None else self._condition_pyramid(u.to(self.device, torch.float32))
+        pick = None
+        if self.vamp is not None:
+            pick = torch.randint(0, self.config.num_pseudoinputs, (batch,), device=self.device)
+        zs = (prior_pass or self._top_down_prior)(cond, self._prior_noises(batch), temperature, pick)
         return self.params_to_images(self.likelihood_params(zs))
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, steps: int | None = None) -> torch.Tensor:
+    def sample(self, n: int, temperature: float = 1.0, steps: int | None = None, compile: bool = False,
+               sampler: str = "ancestral") -> torch.Tensor:
         """n images (n, C, D, D) in [-1, 1]: u from its prior in `steps` steps, then the decoder.
 
-        `temperature` multiplies the variance of every latent, u's sampler included.
-        Bernoulli models return the mean image, DML models an 8-bit sample.
+        `temperature` multiplies the variance of every latent, u's sampler included. Bernoulli
+        models return the mean image, DML models an 8-bit sample. `sampler="ddim"` is the
+        deterministic respaced sampler for few steps. `compile=True` captures the whole sampler
+        as one CUDA graph on a GPU (cached per n, steps, temperature and sampler), and uses
+        torch.compile for the diffusion step and the decoder elsewhere; the first call pays
+        the capture or compilation.
         """
         if int(n) < 1:
             raise ValueError(f"n must be a positive integer, got {n}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         steps = self.config.sample_steps if steps is None else int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if sampler not in DiffusionPrior.SAMPLERS:
+            raise ValueError(f"sampler must be one of {DiffusionPrior.SAMPLERS}, got {sampler!r}")
+        if compile and self.device.type == "cuda":
+            from .sampling import graphed_sampler
+
+            return graphed_sampler(self, int(n), float(temperature), steps, sampler)()
+        fns = None
+        if compile:
+            from .sampling import compiled_functions
+
+            fns = compiled_functions(self)
+        return self._sample(int(n), float(temperature), steps, sampler, fns)
+
+    def _sample(self, n: int, temperature: float, steps: int, sampler: str, fns: dict | None = None):
+        """The sampler itself: no host syncs, so it can be captured as a CUDA graph."""
         u = None
         if self.u_prior is not None:
-            u = self.u_prior.sample(int(n), steps=steps, temperature=temperature, device=self.device)
-        return self.decode(u, temperature=temperature, n=int(n))
+            step_fn = fns["diffusion_step"] if fns else None
+            u = self.u_prior.sample(n, steps=steps, temperature=temperature, device=self.device, sampler=sampler,
+                                    step_fn=step_fn)
+        return self._decode(u, temperature, n, fns["prior_pass"] if fns else None)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -394,16 +429,20 @@ class DVPVAE(nn.Module):
 
     @torch.no_grad()
     def log_weights(self, x: torch.Tensor, target: torch.Tensor, grid_steps: int | None = None) -> torch.Tensor:
-        """Importance log-weights log p(x, z, u) - log q(z, u | x), one per row, (B,).
+        """Importance log-weights log p(x, z, u) - log q(z, u | x), one draw per row, (B,).
 
         -log r_hat(u) is the diffusion bound averaged over a grid of `grid_steps` times
-        (default: config.diffusion_eval_steps).
+        (default: config.diffusion_eval_steps), all grid points in one UNet call.
         """
-        feats = self.encoder(self._encoder_input(x))
+        y = self.pseudo.mean(x) if self.pseudo is not None else None
+        return self._log_weights(self.encoder(self._encoder_input(x)), y, target, grid_steps)
+
+    def _log_weights(self, feats: list[torch.Tensor], y: torch.Tensor | None, target: torch.Tensor,
+                     grid_steps: int | None = None) -> torch.Tensor:
         log_w = 0.0
         cond = None
         if self.pseudo is not None:
-            u, eps = self.pseudo.sample(self.pseudo.mean(x))
+            u, eps = self.pseudo.sample(y)
             grid = grid_steps or self.config.diffusion_eval_steps
             log_r, neg_log_prior = self._u_term(u, eps, grid_steps=grid, entropy="sample")
             log_w = -neg_log_prior - log_r
@@ -415,20 +454,23 @@ class DVPVAE(nn.Module):
     def nll(self, x: torch.Tensor, num_samples: int = 1000, max_rows: int = 4096) -> torch.Tensor:
         """Importance-weighted (IWAE) estimate of -log p(x), (B,) nats.
 
-        Each image is binarised once (Bernoulli), then `num_samples` draws of (u, z) are
-        processed in chunks of at most `max_rows` rows with a streaming logsumexp on device.
+        Each image is binarised once (Bernoulli) and encoded once (the encoder and f(x) are
+        deterministic); `num_samples` draws of (u, z) are then processed in chunks of at most
+        `max_rows` rows, with a streaming logsumexp on the device.
         """
         self._check_images(x)
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         batch = x.shape[0]
         target = self.likelihood_target(x)
+        feats = self.encoder(self._encoder_input(x))
+        y = self.pseudo.mean(x) if self.pseudo is not None else None
         per_chunk = max(1, int(max_rows) // batch)
         running = torch.full((batch,), -math.inf, device=x.device)
         for start in range(0, num_samples, per_chunk):
             k = min(per_chunk, num_samples - start)
-            rep = lambda t: t.repeat_interleave(k, dim=0)  # rows b*k .. b*k+k-1 belong to image b
-            log_w = self.log_weights(rep(x), rep(target)).view(batch, k)
+            rep = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # rows b*k..b*k+k-1: image b
+            log_w = self._log_weights([rep(f) for f in feats], rep(y), rep(target)).view(batch, k)
             running = torch.logaddexp(running, torch.logsumexp(log_w, dim=1))
         return -(running - math.log(num_samples))
 

@@ -32,7 +32,8 @@ class MoGPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, steps: int | None = None, temperature: float = 1.0,
-               device: torch.device | str | None = None) -> torch.Tensor:
+               device: torch.device | str | None = None, sampler: str | None = None, step_fn=None) -> torch.Tensor:
+        """Exact draws; `steps`, `sampler` and `step_fn` exist for the diffusion prior's interface."""
         k = torch.multinomial(torch.softmax(self.logits, 0), n, replacement=True)
         means, logvars = self.means[0, k], self.logvars[0, k]
         return means + math.sqrt(temperature) * torch.exp(0.5 * logvars) * torch.randn_like(means)

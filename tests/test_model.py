@@ -157,14 +157,14 @@ def test_nll_streams_logsumexp_over_chunks(mnist_model, monkeypatch, max_rows):
     table = torch.randn(3, 12, dtype=torch.float64).float() * 50 - 300
     served = {"next": 0}
 
-    def fake_log_weights(xr, target, grid_steps=None):
-        k = xr.shape[0] // 3
+    def fake_log_weights(feats, y, target, grid_steps=None):
+        k = target.shape[0] // 3
         start = served["next"]
         served["next"] += k
-        assert torch.equal(xr.view(3, k, *xr.shape[1:])[:, 0], x)  # rows b*k .. b*k+k-1 are image b
+        assert torch.equal(y.view(3, k, *y.shape[1:])[:, 0], mnist_model.pseudo.mean(x))  # rows b*k.. are image b
         return table[:, start:start + k].reshape(-1)
 
-    monkeypatch.setattr(mnist_model, "log_weights", fake_log_weights)
+    monkeypatch.setattr(mnist_model, "_log_weights", fake_log_weights)
     got = mnist_model.nll(x, num_samples=12, max_rows=max_rows)
     assert served["next"] == 12
     torch.testing.assert_close(got, -(torch.logsumexp(table, 1) - math.log(12)))
