@@ -8,7 +8,8 @@ import torch
 from dvp_fast import DVPVAE
 from dvp_fast.checkpoint import CheckpointError, load_checkpoint
 from dvp_fast.config import train_preset
-from dvp_fast.train import Trainer, main
+from dvp_fast.train import Trainer, _compile_blocks, main
+from helpers import SMALL, NoRandomness
 
 FAST = ["--batch-size", "50", "--log-every", "1", "--no-progress", "--seed", "3"]
 
@@ -90,3 +91,25 @@ def test_corrupt_checkpoint_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         DVPVAE.from_checkpoint(str(tmp_path / "nothing_here")) if os.makedirs(tmp_path / "nothing_here") is None \
             else None
+
+
+def test_bf16_and_compiled_steps_match_the_eager_fp32_step():
+
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    losses = {}
+    for mode in ("fp32", "bf16", "compiled"):
+        torch.manual_seed(0)
+        model = DVPVAE.from_preset("mnist", **SMALL)
+        model.validate_inputs = False
+        if mode == "compiled":
+            _compile_blocks(model)
+        trainer = Trainer(model, train_preset("mnist"), steps_per_epoch=10,
+                          precision="bf16" if mode == "bf16" else "fp32")
+        with NoRandomness():
+            for _ in range(2):
+                trainer.step(x)
+        m = trainer.read_metrics()
+        assert m["skipped"] == 0
+        losses[mode] = m["loss"]
+    assert losses["compiled"] == pytest.approx(losses["fp32"], rel=1e-4)
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-2)
