@@ -1,0 +1,365 @@
+"""The "cpp" backend: native CPU kernels from csrc/, built just in time with ninja.
+
+Importing this module builds the extension once per (dvp_fast, torch, Python, CPU
+capability, sources) into ``$DVP_FAST_CACHE`` (default ``~/.cache/dvp_fast``) and
+registers its ops. Without a C++ compiler or ninja, or when the build fails, it
+warns once and raises ImportError, so ``backend="auto"`` falls back to torch and
+an explicit ``backend="cpp"`` raises the reason (with the compiler's message).
+
+Each op has two layers:
+  * a torch operator ``torch.ops.dvp_fast_cpp.<name>`` (csrc/bindings.cpp) with a
+    shape-only fake here, so torch.compile can trace through it;
+  * a torch.autograd.Function that prepares arguments (contiguous, float32 or
+    bfloat16, the cached DCT basis, the noise drawn from torch's generator) and
+    calls the forward and backward operators; with no gradient needed the operator
+    is called directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+import torch
+
+from ._backend import register
+from .dct import dct_basis
+
+_NAME = "dvp_fast_cpp"
+_SOURCES = ("common.h", "dct.cpp", "gaussian_kl.cpp", "dml.cpp", "bindings.cpp")
+# Kernels exist for these storage dtypes; others are computed in float32 and cast back.
+_NATIVE = (torch.float32, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------ build
+def source_dir() -> Path:
+    """csrc/ as installed (package data `dvp_fast.csrc`), or beside the package in a checkout."""
+    try:
+        import dvp_fast.csrc as csrc
+
+        return Path(next(iter(csrc.__path__)))
+    except ImportError:
+        return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def cache_root() -> Path:
+    if os.environ.get("DVP_FAST_CACHE"):
+        return Path(os.environ["DVP_FAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvp_fast"
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """Instruction-set flags for the CPU torch itself dispatches to (never -march=native),
+    and a tag for the cache key, so a cache shared between machines never serves a binary
+    built for a larger instruction set."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        # 256-bit vectors: on these kernels AVX-512 is no faster and it down-clocks older CPUs.
+        return "avx2", ["-mavx2", "-mfma", "-mf16c"]
+    return "base", []
+
+
+def build_settings(src: Path) -> tuple[list[Path], list[str], list[str], Path]:
+    """(sources, cflags, ldflags, build directory) for the sources in `src`."""
+    import dvp_fast
+
+    isa, isa_flags = _isa_flags()
+    # -fopenmp: at::parallel_for is inline OpenMP code. -fno-trapping-math changes no result (we
+    # never unmask FP exceptions) but lets GCC turn clamps into selects, without which the
+    # kernels' loops do not vectorise.
+    cflags = ["-O3", "-fopenmp", "-fno-trapping-math", "-DNDEBUG", *isa_flags]
+    ldflags = ["-fopenmp"]  # links libgomp.so.1, the one torch already loaded
+    paths = [src / name for name in _SOURCES if (src / name).exists()]
+    digest = hashlib.sha256()
+    for part in (dvp_fast.__version__, torch.__version__, str(Path(torch.__file__).parent),
+                 sysconfig.get_config_var("SOABI") or sys.version, isa, *cflags, *ldflags):
+        digest.update(part.encode() + b"\0")
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    tag = f"{dvp_fast.__version__}-torch{torch.__version__.replace('+', '_')}-{isa}-{digest.hexdigest()[:16]}"
+    return paths, cflags, ldflags, cache_root() / "cpp" / tag
+
+
+def _toolchain_problem() -> str | None:
+    """Why the extension cannot be compiled here, or None."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found (looked for {compiler!r}; set CXX to choose one)"
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _unavailable(reason: str) -> ImportError:
+    warnings.warn(f"dvp_fast: the native CPU kernels are unavailable, using the PyTorch fallback: {reason}",
+                  RuntimeWarning, stacklevel=3)
+    return ImportError(reason)
+
+
+def build_and_load(src: Path | None = None, name: str = _NAME) -> Path:
+    """Build (once, under torch's per-directory build lock) and load the extension; its path.
+
+    A finished build leaves a `built` marker, after which later processes load the
+    library directly, without a compiler or ninja. Raises ImportError with the reason
+    (the compiler's output for a failed build) after one RuntimeWarning.
+    """
+    paths, cflags, ldflags, build_dir = build_settings(src or source_dir())
+    library, marker = build_dir / f"{name}.so", build_dir / "built"
+    if not (marker.exists() and library.exists()):
+        problem = _toolchain_problem()
+        if problem is not None:
+            raise _unavailable(problem)
+        from torch.utils.cpp_extension import load
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        print(f"dvp_fast: building the native CPU kernels (one time, about a minute) in {build_dir}",
+              file=sys.stderr, flush=True)
+        try:
+            # load() holds a file lock on build_dir for the whole ninja run, so concurrent
+            # builders take turns; the second finds everything up to date.
+            library = Path(load(name=name, sources=[str(p) for p in paths if p.suffix == ".cpp"],
+                                extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build_dir),
+                                is_python_module=False, verbose=False))
+        except (RuntimeError, OSError, ImportError) as exc:  # the message carries ninja's and the compiler's output
+            raise _unavailable(f"building the C++ kernels in {build_dir} failed:\n{exc}") from exc
+        temp = build_dir / f"built.{os.getpid()}"
+        temp.write_text(str(library))
+        os.replace(temp, marker)  # atomic: a reader never sees a half-written marker
+    else:
+        library = Path(marker.read_text())
+        torch.ops.load_library(str(library))
+    return library
+
+
+LIBRARY = build_and_load()
+_ops = torch.ops.dvp_fast_cpp
+
+
+# ------------------------------------------------------------------------- fakes (torch.compile)
+def _empty(ref: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    return ref.new_empty(shape, dtype=dtype or ref.dtype)
+
+
+@torch.library.register_fake(f"{_NAME}::dct_crop")
+def _(x, scale, basis):
+    shape = (x.shape[0], x.shape[1], basis.shape[0], basis.shape[0])
+    return _empty(x, shape), _empty(x, shape, torch.float32)
+
+
+@torch.library.register_fake(f"{_NAME}::dct_crop_backward")
+def _(grad_y, ratio, scale, basis, need_x, need_scale, x_dtype):
+    b, c, d, _ = ratio.shape
+    return (_empty(ratio, (b if need_x else 0, c, basis.shape[1], basis.shape[1]), x_dtype),
+            _empty(ratio, (c, d, d) if need_scale else (0,)))
+
+
+@torch.library.register_fake(f"{_NAME}::idct_pad")
+def _(u, scale, basis, size, need_mask):
+    b, c = u.shape[:2]
+    return _empty(u, (b, c, size, size)), _empty(u, (b if need_mask else 0, c, size, size), torch.bool)
+
+
+@torch.library.register_fake(f"{_NAME}::idct_pad_backward")
+def _(grad_out, mask, u, scale, basis, need_u, need_scale):
+    b, c, d, _ = u.shape
+    return _empty(u, (b if need_u else 0, c, d, d)), _empty(u, (c, d, d) if need_scale else (0,), torch.float32)
+
+
+@torch.library.register_fake(f"{_NAME}::gaussian_kl")
+def _(mu_q, logvar_q, mu_p, logvar_p, noise):
+    return [torch.empty_like(m) for m in mu_q], _empty(mu_q[0], (mu_q[0].shape[0], len(mu_q)), torch.float32)
+
+
+@torch.library.register_fake(f"{_NAME}::gaussian_kl_backward")
+def _(grad_z, grad_kl, mu_q, logvar_q, mu_p, logvar_p, noise, need):
+    return [(torch.empty_like(noise[l]) if which == 4 else torch.empty_like(mu_q[l])) if need & (1 << which)
+            else _empty(noise[l], (0,)) for which in range(5) for l in range(len(mu_q))]
+
+
+@torch.library.register_fake(f"{_NAME}::dml_log_prob")
+def _(x, params, num_mix, need_params, need_x):
+    return (_empty(x, (x.shape[0],), torch.float32), _empty(params, params.shape if need_params else (0,), torch.float32),
+            _empty(x, x.shape if need_x else (0,), torch.float32))
+
+
+@torch.library.register_fake(f"{_NAME}::scale_rows")
+def _(grad_out, g, dtype):
+    return _empty(g, g.shape, dtype)
+
+
+@torch.library.register_fake(f"{_NAME}::dml_sample")
+def _(params, u_mix, u_logistic, temperature, num_mix):
+    return _empty(params, (params.shape[0], 3, params.shape[2], params.shape[3]), torch.float32)
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _native(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous tensor of a dtype the kernels take (float16/float64 go through float32)."""
+    return (t if t.dtype in _NATIVE else t.float()).contiguous()
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- DCT
+class _DctCrop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, basis):
+        xk = _native(x)
+        scale32 = scale.float().contiguous()
+        y, ratio = _ops.dct_crop(xk, scale32, basis)
+        ctx.save_for_backward(ratio, scale32, basis)
+        ctx.dtypes = (x.dtype, xk.dtype, scale.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        ratio, scale32, basis = ctx.saved_tensors
+        x_dtype, k_dtype, scale_dtype = ctx.dtypes
+        need_x, need_scale = ctx.needs_input_grad[:2]
+        gx, gs = _ops.dct_crop_backward(grad_y.to(k_dtype).contiguous(), ratio, scale32, basis, need_x, need_scale,
+                                        k_dtype)
+        return (gx.to(x_dtype) if need_x else None), (gs.to(scale_dtype) if need_scale else None), None
+
+
+@register("dct_crop", "cpp")
+def dct_crop_cpp(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    basis = dct_basis(scale.shape[-1], x.shape[-1])
+    if _needs_grad(x, scale):
+        return _DctCrop.apply(x, scale, basis)
+    return _ops.dct_crop(_native(x), scale.float().contiguous(), basis)[0].to(x.dtype)
+
+
+class _IdctPad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, scale, basis, size):
+        uk = _native(u)
+        scale32 = scale.float().contiguous()
+        out, mask = _ops.idct_pad(uk, scale32, basis, size, True)
+        ctx.save_for_backward(mask, uk, scale32, basis)
+        ctx.dtypes = (u.dtype, scale.dtype)
+        return out.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mask, uk, scale32, basis = ctx.saved_tensors
+        u_dtype, scale_dtype = ctx.dtypes
+        need_u, need_scale = ctx.needs_input_grad[:2]
+        gu, gs = _ops.idct_pad_backward(grad_out.to(uk.dtype).contiguous(), mask, uk, scale32, basis, need_u,
+                                        need_scale)
+        return (gu.to(u_dtype) if need_u else None), (gs.to(scale_dtype) if need_scale else None), None, None
+
+
+@register("idct_pad", "cpp")
+def idct_pad_cpp(u: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Tensor:
+    basis = dct_basis(u.shape[-1], size)
+    if _needs_grad(u, scale):
+        return _IdctPad.apply(u, scale, basis, size)
+    return _ops.idct_pad(_native(u), scale.float().contiguous(), basis, size, False)[0].to(u.dtype)
+
+
+# ------------------------------------------------------------------------------------ Gaussian KL
+def _layer_inputs(mu_q, logvar_q, mu_p, logvar_p, noise):
+    """One layer's kernel inputs: the four in one native dtype, noise as float32 (drawn if None)."""
+    four = (mu_q, logvar_q, mu_p, logvar_p)
+    if len({t.dtype for t in four}) > 1 or mu_q.dtype not in _NATIVE:
+        four = tuple(t.float() for t in four)
+    if noise is None:  # the fallback's draw exactly (torch's generator, so manual_seed reproduces it)
+        noise = torch.randn_like(mu_q, dtype=torch.float32)
+    return tuple(t.contiguous() for t in four) + (noise.float().contiguous(),)
+
+
+class _GaussianKL(torch.autograd.Function):
+    """inputs: num_layers, then mu_q[L], logvar_q[L], mu_p[L], logvar_p[L], noise[L]; outputs: z[L], kl (B, L)."""
+
+    @staticmethod
+    def forward(ctx, num_layers, *flat):
+        layers = [_layer_inputs(*flat[l::num_layers]) for l in range(num_layers)]
+        groups = [[layer[i] for layer in layers] for i in range(5)]
+        zs, kl = _ops.gaussian_kl(*groups)
+        ctx.save_for_backward(*[t for group in groups for t in group])
+        ctx.num_layers = num_layers
+        ctx.dtypes = [torch.float32 if t is None else t.dtype for t in flat]
+        ctx.set_materialize_grads(False)
+        return (*[z.to(flat[l].dtype) for l, z in enumerate(zs)], kl)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        L = ctx.num_layers
+        saved = ctx.saved_tensors
+        groups = [list(saved[i * L:(i + 1) * L]) for i in range(5)]
+        grad_z, grad_kl = list(grads[:L]), grads[L]
+        if grad_kl is None:
+            grad_kl = torch.zeros(groups[0][0].shape[0], L)
+        needs = ctx.needs_input_grad[1:]
+        need = sum(1 << which for which in range(5) if any(needs[which * L:(which + 1) * L]))
+        out = _ops.gaussian_kl_backward(grad_z, grad_kl, *groups, need)
+        return (None, *[out[i].to(ctx.dtypes[i]) if needs[i] else None for i in range(5 * L)])
+
+
+def _gaussian_kl(layers, noises):
+    flat = [t for i in range(4) for t in (layer[i] for layer in layers)] + list(noises)
+    if _needs_grad(*flat):
+        *zs, kl = _GaussianKL.apply(len(layers), *flat)
+        return zs, kl
+    inputs = [_layer_inputs(*layer, noise) for layer, noise in zip(layers, noises)]
+    zs, kl = _ops.gaussian_kl(*[[layer[i] for layer in inputs] for i in range(5)])
+    return [z.to(layer[0].dtype) for z, layer in zip(zs, layers)], kl
+
+
+@register("gaussian_sample_kl", "cpp")
+def gaussian_sample_kl_cpp(mu_q, logvar_q, mu_p, logvar_p, noise=None):
+    zs, kl = _gaussian_kl([(mu_q, logvar_q, mu_p, logvar_p)], [noise])
+    return zs[0], kl.view(-1)
+
+
+@register("gaussian_sample_kl_grouped", "cpp")
+def gaussian_sample_kl_grouped_cpp(layers):
+    return _gaussian_kl(layers, [None] * len(layers))
+
+
+# -------------------------------------------------------------------------- mixture of logistics
+class _DmlLogProb(torch.autograd.Function):
+    """The forward kernel also writes d log p / d params (and d x); backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, x, params, num_mix):
+        need_x, need_params = ctx.needs_input_grad[:2]
+        logp, g_params, g_x = _ops.dml_log_prob(x, _native(params), num_mix, need_params, need_x)
+        ctx.save_for_backward(g_params, g_x)
+        ctx.dtypes = (x.dtype, params.dtype)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        g_params, g_x = ctx.saved_tensors
+        (x_dtype, p_dtype), (need_x, need_params) = ctx.dtypes, ctx.needs_input_grad[:2]
+        scaled = lambda g, dtype: _ops.scale_rows(grad_logp, g, dtype if dtype in _NATIVE else torch.float32).to(dtype)
+        return (scaled(g_x, x_dtype) if need_x else None), (scaled(g_params, p_dtype) if need_params else None), None
+
+
+@register("dml_log_prob", "cpp")
+def dml_log_prob_cpp(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> torch.Tensor:
+    if _needs_grad(x, params):
+        return _DmlLogProb.apply(x, params, num_mix)
+    return _ops.dml_log_prob(x, _native(params), num_mix, False, False)[0]
+
+
+@register("dml_sample", "cpp")
+def dml_sample_cpp(params: torch.Tensor, temperature: float, num_mix: int) -> torch.Tensor:
+    b, _, h, w = params.shape
+    # The fallback's draws, in its order: a uniform per component, then one per colour.
+    u_mix = torch.rand_like(params[:, :num_mix], dtype=torch.float32)
+    u_logistic = torch.rand_like(params.new_empty((b, 3, h, w), dtype=torch.float32))
+    return _ops.dml_sample(_native(params), u_mix.contiguous(), u_logistic, float(temperature), num_mix)
