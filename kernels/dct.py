@@ -9,11 +9,17 @@ DCT-II matrix of D points (passed in as a (d, D) fp32 tensor):
 Backward kernels recompute the pre-clamp values rather than storing a mask.
 Tiles are padded to powers of two (>= 16, the smallest tl.dot tile) with zeros,
 which the zero rows/columns of the padded basis keep out of every product.
-All math is fp32; tl.dot runs in IEEE fp32 (no TF32), because the DCT is
-an orthonormal change of basis whose error budget is set by the fp32 fallback.
+All math and all pointers are fp32 (the wrapper casts bf16/fp16 tensors); tl.dot
+runs in IEEE fp32 (no TF32), because the DCT is an orthonormal change of basis
+whose error budget is set by the fp32 fallback.
 """
 import triton
 import triton.language as tl
+
+# Integer arguments are never specialised (Triton's JIT would otherwise compile a separate
+# variant whenever one equals 1, e.g. channels = 1 for greyscale), so the compiled variants
+# are exactly the ones `compile_configs` lists.
+_jit = triton.jit(do_not_specialize=["channels", "d", "size"])
 
 # Largest padded image side the dispatcher hands to these kernels (a 64 x 64
 # fp32 tile per program); larger images go to the fallback with a clear error.
@@ -73,7 +79,7 @@ def _crop_coefficients(x_ptr, basis_ptr, plane, d, size, BLOCK_d: tl.constexpr, 
     return tl.dot(rows, a_t, input_precision="ieee")
 
 
-@triton.jit
+@_jit
 def dct_crop_fwd_kernel(x_ptr, basis_ptr, scale_ptr, y_ptr, channels, d, size,
                         BLOCK_d: tl.constexpr, BLOCK_D: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)  # b * C + c
@@ -84,7 +90,7 @@ def dct_crop_fwd_kernel(x_ptr, basis_ptr, scale_ptr, y_ptr, channels, d, size,
     _store_tile(y_ptr + plane * d * d, r_small, r_small, d, d, d, y)
 
 
-@triton.jit
+@_jit
 def dct_crop_bwd_kernel(x_ptr, basis_ptr, scale_ptr, dy_ptr, dx_ptr, channels, d, size,
                         BLOCK_d: tl.constexpr, BLOCK_D: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
@@ -116,7 +122,7 @@ def _padded_image(u_ptr, scale_ptr, basis_ptr, plane, channels, d, size,
     return tl.dot(cols, a, input_precision="ieee")
 
 
-@triton.jit
+@_jit
 def idct_pad_fwd_kernel(u_ptr, scale_ptr, basis_ptr, out_ptr, channels, d, size,
                         BLOCK_d: tl.constexpr, BLOCK_D: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
@@ -126,7 +132,7 @@ def idct_pad_fwd_kernel(u_ptr, scale_ptr, basis_ptr, out_ptr, channels, d, size,
     _store_tile(out_ptr + plane * size * size, r_large, r_large, size, size, size, out)
 
 
-@triton.jit
+@_jit
 def idct_pad_bwd_kernel(u_ptr, scale_ptr, basis_ptr, dout_ptr, du_ptr, channels, d, size,
                         BLOCK_d: tl.constexpr, BLOCK_D: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
@@ -146,24 +152,14 @@ def idct_pad_bwd_kernel(u_ptr, scale_ptr, basis_ptr, dout_ptr, du_ptr, channels,
 KERNELS = (dct_crop_fwd_kernel, dct_crop_bwd_kernel, idct_pad_fwd_kernel, idct_pad_bwd_kernel)
 
 
-def compile_configs(dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")):
+def compile_configs():
     """Every (kernel, signature, constexprs, num_warps) the dispatcher can launch.
 
-    The image-shaped pointers (x, y, dy, dx, u, out, dout, du) carry the input's
-    dtype; the basis and the scale are always fp32.
+    All pointers are fp32: the wrapper casts bf16/fp16 inputs (and gradients) to
+    fp32 around these tiny launches, which keeps one compiled variant per tile.
     """
-    ints = {"channels": "i32", "d": "i32", "size": "i32"}
-    fp32_args = {"basis_ptr", "scale_ptr"}
     for kernel in KERNELS:
-        for dtype in dtypes:
-            for block_small, block_large in all_block_sizes():
-                sig = {}
-                for name in kernel.arg_names:
-                    if name in ints:
-                        sig[name] = ints[name]
-                    elif name.startswith("BLOCK"):
-                        sig[name] = "constexpr"
-                    else:
-                        sig[name] = "*fp32" if name in fp32_args else f"*{dtype}"
-                consts = {"BLOCK_d": block_small, "BLOCK_D": block_large}
-                yield kernel, sig, consts, NUM_WARPS
+        for block_small, block_large in all_block_sizes():
+            sig = {name: "i32" if name in ("channels", "d", "size") else
+                   "constexpr" if name.startswith("BLOCK") else "*fp32" for name in kernel.arg_names}
+            yield kernel, sig, {"BLOCK_d": block_small, "BLOCK_D": block_large}, NUM_WARPS

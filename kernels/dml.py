@@ -14,18 +14,24 @@ the op is then a scale of that tensor by the incoming per-image gradient.
 import triton
 import triton.language as tl
 
-LOG_SCALE_MIN = -7.0
-HALF_BIN = 1.0 / 255.0
-EDGE = 0.999
-MASS_FLOOR = 1e-5
-LOG_HALF_LEVELS = 4.848116567910079  # log(127.5)
+# tl.constexpr so that @triton.jit functions may read them (the interpreter does not enforce this).
+LOG_SCALE_MIN = tl.constexpr(-7.0)
+HALF_BIN = tl.constexpr(1.0 / 255.0)
+EDGE = tl.constexpr(0.999)  # |x| above this is the first or last of the 256 levels
+MASS_FLOOR = tl.constexpr(1e-5)
+LOG_HALF_LEVELS = tl.constexpr(4.848116567910079)  # log(127.5): log pdf - this = log(pdf * bin width)
 NUM_WARPS = 4
-BLOCK_P_CHOICES = (32, 64)
+# Integer arguments are never specialised (a 1-pixel image or a single block would otherwise be a
+# separate variant of Triton's JIT), so `compile_configs` lists every variant.
+_jit = triton.jit(do_not_specialize=["num_pixels", "num_blocks"])
+_jit_sample = triton.jit(do_not_specialize=["num_pixels"])
+# Pixels per program: a (16, 64) fp32 tile per quantity keeps registers in check with 4 warps.
+BLOCK_P_CHOICES = (64,)
 
 
 def block_pixels(num_pixels: int) -> int:
-    """Pixels per program: 64 normally; 32 for tiny images so more programs run."""
-    return BLOCK_P_CHOICES[0] if num_pixels <= 256 else BLOCK_P_CHOICES[1]
+    """Pixels per program (independent of the image size for now; a hook for tuning)."""
+    return BLOCK_P_CHOICES[0]
 
 
 def padded_mix(num_mix: int) -> int:
@@ -124,7 +130,7 @@ def _tanh(v):
     return tl.where(v < 0.0, -t, t)
 
 
-@triton.jit
+@_jit
 def dml_log_prob_kernel(x_ptr, p_ptr, partial_ptr, grad_ptr, num_pixels, num_blocks,
                         M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_P: tl.constexpr, WANT_GRAD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -199,7 +205,7 @@ def _to_level(v):
     return tl.floor((v + 1.0) * 127.5 + 0.5) / 127.5 - 1.0
 
 
-@triton.jit
+@_jit_sample
 def dml_sample_kernel(p_ptr, seed_ptr, out_ptr, num_pixels, temperature,
                       M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -244,7 +250,8 @@ KERNELS = (dml_log_prob_kernel, dml_sample_kernel)
 
 
 def compile_configs(dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16"), num_mixes: tuple[int, ...] = (10,)):
-    """Every (kernel, signature, constexprs, num_warps) the dispatcher can launch for these num_mix values.
+    """Every (kernel, signature, constexprs, num_warps) the dispatcher can launch for these num_mix values
+    (num_mix is a user choice, compiled per value; every preset uses 10).
 
     `params` and the gradient carry the params' dtype; x (cast to fp32 by the
     wrapper: the 256 levels are not all exact in bf16), partial sums and samples are fp32.

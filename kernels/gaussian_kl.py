@@ -18,12 +18,17 @@ import triton
 import triton.language as tl
 
 NUM_WARPS = 4
-BLOCK_CHOICES = (256, 1024)
+# Integer arguments are never specialised (num_segments is 1 for a single layer, which Triton's
+# JIT would otherwise compile as a separate variant), so `compile_configs` lists every variant.
+_jit = triton.jit(do_not_specialize=["row_len", "num_segments"])
+# One tile for every layer width: the op is launch-bound at the model's sizes (rows of 49 to
+# 3,072 elements), so a second tile would only double the compiled variants.
+BLOCK_CHOICES = (512,)
 
 
 def block_size(segment_len: int) -> int:
-    """Columns per loop step: small segments (e.g. 7 x 7 latents) use the small tile."""
-    return BLOCK_CHOICES[0] if segment_len <= BLOCK_CHOICES[0] else BLOCK_CHOICES[1]
+    """Columns per loop step of one program (independent of the width for now; a hook for tuning)."""
+    return BLOCK_CHOICES[0]
 
 
 @triton.jit
@@ -56,7 +61,7 @@ def _load4(mu_q_ptr, lv_q_ptr, mu_p_ptr, lv_p_ptr, idx, mask):
     return mu_q, lv_q, mu_p, lv_p
 
 
-@triton.jit
+@_jit
 def sample_kl_fwd_kernel(mu_q_ptr, lv_q_ptr, mu_p_ptr, lv_p_ptr, noise_ptr, seed_ptr, offs_ptr,
                          z_ptr, kl_ptr, row_len, num_segments,
                          HAS_NOISE: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr):
@@ -77,7 +82,7 @@ def sample_kl_fwd_kernel(mu_q_ptr, lv_q_ptr, mu_p_ptr, lv_p_ptr, noise_ptr, seed
     tl.store(kl_ptr + row * num_segments + seg, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@_jit
 def sample_kl_bwd_kernel(mu_q_ptr, lv_q_ptr, mu_p_ptr, lv_p_ptr, noise_ptr, seed_ptr, offs_ptr,
                          dz_ptr, dkl_ptr, dmu_q_ptr, dlv_q_ptr, dmu_p_ptr, dlv_p_ptr, row_len, num_segments,
                          HAS_NOISE: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr):

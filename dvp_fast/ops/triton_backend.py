@@ -97,7 +97,7 @@ def _save_inputs(ctx, inputs, output):
 
 def _dct_crop_backward(ctx, dy):
     x, scale, basis = ctx.saved_tensors
-    dy = dy.contiguous()
+    dy = dy.float().contiguous()
     dx = _dct_crop_backward_op(x, scale, basis, dy) if ctx.needs_input_grad[0] else None
     dscale = _dct_crop_scale_grad(x, scale, basis, dy) if ctx.needs_input_grad[1] else None
     return dx, dscale, None
@@ -120,7 +120,8 @@ torch.library.register_autograd("dvp_fast::dct_crop", _dct_crop_backward, setup_
 @register("dct_crop", "triton")
 def dct_crop_triton(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     basis = dct_basis(scale.shape[-1], x.shape[-1], device=x.device)
-    return _dct_crop_op(x.contiguous(), scale.float().contiguous(), basis)
+    # The kernels are fp32-only (one compiled variant per tile); these tensors are tiny.
+    return _dct_crop_op(x.float().contiguous(), scale.float().contiguous(), basis).to(x.dtype)
 
 
 def _idct_pad_empty(u, scale, basis):
@@ -150,7 +151,7 @@ def _idct_pad_backward_op(u: torch.Tensor, scale: torch.Tensor, basis: torch.Ten
 
 def _idct_pad_backward(ctx, dout):
     u, scale, basis = ctx.saved_tensors
-    dout = dout.contiguous()
+    dout = dout.float().contiguous()
     du = _idct_pad_backward_op(u, scale, basis, dout) if ctx.needs_input_grad[0] else None
     dscale = _idct_pad_scale_grad(u, scale, basis, dout) if ctx.needs_input_grad[1] else None
     return du, dscale, None
@@ -170,7 +171,7 @@ torch.library.register_autograd("dvp_fast::idct_pad", _idct_pad_backward, setup_
 @register("idct_pad", "triton")
 def idct_pad_triton(u: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Tensor:
     basis = dct_basis(u.shape[-1], size, device=u.device)
-    return _idct_pad_op(u.contiguous(), scale.float().contiguous(), basis)
+    return _idct_pad_op(u.float().contiguous(), scale.float().contiguous(), basis).to(u.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,17 +246,21 @@ def _kl_backward(ctx, dz, dkl):
 torch.library.register_autograd("dvp_fast::gaussian_sample_kl", _kl_backward, setup_context=_kl_setup)
 
 
-def _common_dtype(*tensors: torch.Tensor) -> torch.dtype:
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The inputs' common dtype if the kernels are compiled for it, else fp32 (float64: math is fp32 anyway)."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    return dtype if dtype in _KERNEL_DTYPES else torch.float32
 
 
 @register("gaussian_sample_kl", "triton")
 def gaussian_sample_kl_triton(mu_q, logvar_q, mu_p, logvar_p, noise=None):
     inputs = [mu_q, logvar_q, mu_p, logvar_p] + ([] if noise is None else [noise])
-    dtype = _common_dtype(*inputs)
+    dtype = _kernel_dtype(*inputs)
     batch = mu_q.shape[0]
     flat = [t.to(dtype).reshape(batch, -1).contiguous() for t in inputs]
     seed = _draw_seed(mu_q.device) if noise is None else None
@@ -289,7 +294,7 @@ def gaussian_sample_kl_grouped_triton(layers):
     batch = layers[0][0].shape[0]
     if any(layer[0].shape[0] != batch for layer in layers):
         raise ValueError("gaussian_sample_kl_grouped: every layer must have the same batch size")
-    dtype = _common_dtype(*(t for layer in layers for t in layer))
+    dtype = _kernel_dtype(*(t for layer in layers for t in layer))
     widths = tuple(layer[0].numel() // batch for layer in layers)
     cat = [torch.cat([layer[i].to(dtype).reshape(batch, -1) for layer in layers], dim=1) for i in range(4)]
     offsets = _segment_offsets(widths, layers[0][0].device)
@@ -350,7 +355,8 @@ def dml_log_prob_triton(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> 
         raise RuntimeError("dml_log_prob: backend='triton' treats x as discrete data and does not "
                            "differentiate with respect to it; pass x.detach()")
     want_grad = params.requires_grad and torch.is_grad_enabled()
-    logp, _ = _dml_log_prob_op(x.float().contiguous(), params.contiguous(), num_mix, want_grad)
+    params = params.to(_kernel_dtype(params)).contiguous()
+    logp, _ = _dml_log_prob_op(x.float().contiguous(), params, num_mix, want_grad)
     return logp
 
 
@@ -368,4 +374,5 @@ def _dml_sample_op(params: torch.Tensor, seed: torch.Tensor, temperature: float,
 @register("dml_sample", "triton")
 def dml_sample_triton(params: torch.Tensor, temperature: float, num_mix: int) -> torch.Tensor:
     # A sample is discrete: no gradient flows, so the op never sees params' autograd history.
-    return _dml_sample_op(params.detach().contiguous(), _draw_seed(params.device), float(temperature), num_mix)
+    params = params.detach().to(_kernel_dtype(params)).contiguous()
+    return _dml_sample_op(params, _draw_seed(params.device), float(temperature), num_mix)
