@@ -160,6 +160,24 @@ def test_dispatcher_launches_only_listed_configurations(monkeypatch):
     assert {dml.block_pixels(n) for n in range(1, 5000)} == set(dml.BLOCK_P_CHOICES)
 
 
+def test_auto_picks_triton_for_cuda_tensors():
+    """The model calls every op with backend="auto": on CUDA that must be the kernels, even in a
+    fresh process where nothing has imported the triton backend yet (registration is lazy)."""
+    from dvp_fast import ops
+
+    if not ops.backend_available("triton"):
+        pytest.skip("triton backend not available")
+    script = ("import torch\n"
+              "from dvp_fast.ops._backend import choose_backend\n"
+              "names = ['dct_crop', 'idct_pad', 'gaussian_sample_kl', 'gaussian_sample_kl_grouped',\n"
+              "         'dml_log_prob', 'dml_sample']\n"
+              "print(sorted({choose_backend(n, 'auto', torch.device('cuda')) for n in names}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['triton']"
+
+
 class _Indexable:
     """kernel[grid] syntax for the recording launcher."""
 

@@ -189,8 +189,7 @@ def _kl_launch_args(mu_q, noise, seed, offsets):
     dev = mu_q.device
     grouped = offsets is not None
     num_segments = offsets.shape[0] - 1 if grouped else 1
-    # The block covers a typical segment: the whole row, or the mean layer width when grouped.
-    block = kl_kernels.block_size(row_len // num_segments)
+    block = kl_kernels.block_size(row_len // num_segments)  # the tuning hook: mean segment width
     meta = dict(HAS_NOISE=noise is not None, GROUPED=grouped, BLOCK=block, num_warps=kl_kernels.NUM_WARPS)
     pointers = (mu_q if noise is None else noise,
                 _placeholder(torch.int64, dev) if seed is None else seed,
