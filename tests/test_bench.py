@@ -1,0 +1,107 @@
+"""bench/run.py --quick on CPU: every section runs, and its JSON and markdown say what a reader needs."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "bench")
+sys.path.insert(0, BENCH)
+
+import run  # noqa: E402  bench/run.py
+
+ENV_KEYS = ("device", "device_name", "torch", "triton", "git_commit", "git_dirty", "cpu_count", "torch_threads",
+            "command", "date", "backends_timed")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest's; not a benchmark setting
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_path,) = glob.glob(str(out / "*-quick.json"))
+    (md_path,) = glob.glob(str(out / "*-quick.md"))
+    with open(json_path) as f:
+        result = json.load(f)
+    with open(md_path) as f:
+        md = f.read()
+    return result, md, proc.stdout, out
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@pytest.mark.slow
+def test_quick_run_records_the_environment(quick_run):
+    result, md, _, out = quick_run
+    env = result["environment"]
+    for key in ENV_KEYS:
+        assert key in env, key
+    assert env["device"] == "cpu" and env["device_name"].startswith("CPU")
+    assert env["quick"] is True and env["torch_threads"] == 1
+    assert "--quick" in env["command"]
+    assert env["backends_timed"][0] == "torch"
+    assert _finite(result["copy_bandwidth"]["median_gbps"]) and result["copy_bandwidth"]["median_gbps"] > 0
+    assert all(os.path.basename(p).startswith("cpu-") for p in glob.glob(str(out / "*")))
+    assert env["device_name"] in md and env["torch"] in md and str(env["git_commit"]) in md
+
+
+@pytest.mark.slow
+def test_quick_run_covers_every_section_and_group(quick_run):
+    result, md, stdout, _ = quick_run
+    assert set(result["sections"]) == set(run.SECTIONS)
+    backends = result["environment"]["backends_timed"]
+    for section, groups in run.SECTIONS.items():
+        rows = result["sections"][section]["rows"]
+        assert rows, section
+        for group in groups:
+            if group == "cpp_small" and "cpp" not in backends:
+                continue
+            assert any(r["group"] == group for r in rows), f"{section}.{group} has no rows"
+        assert f"## {section}" in md and f"== {section}" in stdout
+    ops_rows = result["sections"]["ops"]["rows"]
+    for backend in backends:  # every available backend was timed
+        assert any(r["variant"] == backend and r["group"] == "dml_log_prob" for r in ops_rows), backend
+    assert any(r["variant"] == "authors" for r in ops_rows if r["group"] == "dct_pair")
+    train = [r for r in result["sections"]["model"]["rows"] if r["group"] == "train"]
+    assert {r["variant"] for r in train} == {"eager fp32", "fast"}
+    assert {r["metric"] for r in train} == {"throughput", "peak memory"}
+    eager = [r for r in train if r["variant"] == "eager fp32" and r["metric"] == "throughput"]
+    assert all("cpp" not in r["dispatch"] for r in eager), "the eager path must run the torch fallbacks only"
+
+
+@pytest.mark.slow
+def test_quick_run_numbers_are_finite_and_labelled(quick_run):
+    result, md, _, _ = quick_run
+    rows = [r for sec in result["sections"].values() for r in sec["rows"]]
+    for r in rows:
+        where = f"{r['section']}.{r['group']} {r['case']} {r['variant']} {r['metric']}"
+        assert _finite(r["value"]) and r["value"] >= 0, where
+        assert r["unit"], where
+        assert r["spread"] is None or (_finite(r["spread"]) and r["spread"] >= 0), where
+        if r["ratio"] is not None:
+            assert _finite(r["ratio"]) and r["ratio"] > 0 and r["baseline"], where
+    # every case with a baseline variant has its ratios filled in
+    timed = [r for r in rows if r["section"] == "ops" and r["metric"] == "time" and r["group"] != "dct_pair"]
+    assert all(r["ratio"] is not None for r in timed if r["variant"] != "torch")
+    # reduced sizes say so
+    assert all("reduced" in r["note"] for r in rows if r["section"] == "model" and r["group"] == "train")
+    assert "| case | variant | metric |" in md
+
+
+def test_only_selects_sections_and_groups():
+    assert run.selection(None) == run.SECTIONS
+    assert run.selection(["ops.dml_log_prob", "sampling"]) == {"ops": ("dml_log_prob",),
+                                                                 "sampling": run.SECTIONS["sampling"]}
+    with pytest.raises(SystemExit, match="unknown group"):
+        run.selection(["model.nothing"])
+    with pytest.raises(SystemExit, match="unknown section"):
+        run.selection(["kernels"])
