@@ -1,16 +1,14 @@
 // Shared helpers of the native CPU kernels: dtype loads/stores, branch-free float math
 // that the compiler vectorises, and the op declarations bound in bindings.cpp.
 //
-// Only light ATen headers are included (torch/extension.h costs ~35 s per file to compile).
+// Only light ATen headers are included: torch/extension.h costs ~35 s per file to compile and
+// even <ATen/ops/empty.h> ~8 s, so tensors are allocated through Tensor methods (new_empty).
 // Every kernel computes in float32 whatever the storage dtype, and every reduction has a
 // fixed order that does not depend on the number of threads.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -46,6 +44,12 @@ struct IO<c10::BFloat16> {
     return static_cast<uint16_t>(v != v ? 0x7FC0u : r);
   }
 };
+
+// A new uninitialised tensor of `dtype` (CPU, contiguous). Tensor::new_empty dispatches to
+// at::empty, so torch's deterministic NaN fill of uninitialised memory still applies.
+inline at::Tensor empty(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype) {
+  return like.new_empty(sizes, like.options().dtype(dtype));
+}
 
 template <typename T>
 inline const typename IO<T>::raw* in_ptr(const at::Tensor& t) {

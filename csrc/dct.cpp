@@ -61,7 +61,7 @@ constexpr int64_t kPlaneGrain = 8;
 // grad_scale[c] = sum over b of per_plane[b, c], in batch order (independent of the thread count).
 at::Tensor reduce_over_batch(const at::Tensor& per_plane) {
   const int64_t B = per_plane.size(0), n = per_plane[0].numel();
-  at::Tensor out = at::empty(per_plane.sizes().slice(1), per_plane.options());
+  at::Tensor out = empty(per_plane, per_plane.sizes().slice(1), at::kFloat);
   const float* src = per_plane.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) dst[i] = 0.0f;
@@ -78,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> dct_crop(const at::Tensor& x_in, const at::Te
                                             const at::Tensor& basis) {
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), D = x.size(3), d = basis.size(0);
-  at::Tensor y = at::empty({B, C, d, d}, x.options());
-  at::Tensor ratio = at::empty({B, C, d, d}, x.options().dtype(at::kFloat));
+  at::Tensor y = empty(x, {B, C, d, d}, x.scalar_type());
+  at::Tensor ratio = empty(x, {B, C, d, d}, at::kFloat);
   const float* a = basis.const_data_ptr<float>();
   const float* s = scale.const_data_ptr<float>();
   float* rt = ratio.mutable_data_ptr<float>();
@@ -111,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor> dct_crop_backward(const at::Tensor& grad_y_in
                                                      bool need_x, bool need_scale, at::ScalarType x_dtype) {
   const at::Tensor grad_y = grad_y_in.contiguous();
   const int64_t B = ratio.size(0), C = ratio.size(1), d = ratio.size(2), D = basis.size(1);
-  at::Tensor grad_x = at::empty({need_x ? B : 0, C, D, D}, ratio.options().dtype(x_dtype));
-  at::Tensor per_plane = at::empty({need_scale ? B : 0, C, d, d}, ratio.options());
+  at::Tensor grad_x = empty(ratio, {need_x ? B : 0, C, D, D}, x_dtype);
+  at::Tensor per_plane = empty(ratio, {need_scale ? B : 0, C, d, d}, at::kFloat);
   const float* a = basis.const_data_ptr<float>();
   const float* s = scale.const_data_ptr<float>();
   const float* rt = ratio.const_data_ptr<float>();
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> dct_crop_backward(const at::Tensor& grad_y_in
       });
     }
   });
-  return {grad_x, need_scale ? reduce_over_batch(per_plane) : at::empty({0}, per_plane.options())};
+  return {grad_x, need_scale ? reduce_over_batch(per_plane) : empty(per_plane, {0}, at::kFloat)};
 }
 
 // u (B, C, d, d) any float dtype; scale (C, d, d), basis (d, D) float32. Returns the image
@@ -152,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor> idct_pad(const at::Tensor& u_in, const at::Te
   const at::Tensor u = u_in.contiguous();
   const int64_t B = u.size(0), C = u.size(1), d = u.size(2), D = size;
   TORCH_CHECK(basis.size(1) == D, "idct_pad: basis must be (d, size)");
-  at::Tensor out = at::empty({B, C, D, D}, u.options());
-  at::Tensor mask = at::empty({need_mask ? B : 0, C, D, D}, u.options().dtype(at::kBool));
+  at::Tensor out = empty(u, {B, C, D, D}, u.scalar_type());
+  at::Tensor mask = empty(u, {need_mask ? B : 0, C, D, D}, at::kBool);
   const float* a = basis.const_data_ptr<float>();
   const float* s = scale.const_data_ptr<float>();
   bool* mk = need_mask ? mask.mutable_data_ptr<bool>() : nullptr;
@@ -186,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor> idct_pad_backward(const at::Tensor& grad_out_
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor u = u_in.contiguous();
   const int64_t B = u.size(0), C = u.size(1), d = u.size(2), D = basis.size(1);
-  at::Tensor grad_u = at::empty({need_u ? B : 0, C, d, d}, u.options());
-  at::Tensor per_plane = at::empty({need_scale ? B : 0, C, d, d}, u.options().dtype(at::kFloat));
+  at::Tensor grad_u = empty(u, {need_u ? B : 0, C, d, d}, u.scalar_type());
+  at::Tensor per_plane = empty(u, {need_scale ? B : 0, C, d, d}, at::kFloat);
   const float* a = basis.const_data_ptr<float>();
   const float* s = scale.const_data_ptr<float>();
   const bool* mk = mask.const_data_ptr<bool>();
@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> idct_pad_backward(const at::Tensor& grad_out_
       });
     }
   });
-  return {grad_u, need_scale ? reduce_over_batch(per_plane) : at::empty({0}, per_plane.options())};
+  return {grad_u, need_scale ? reduce_over_batch(per_plane) : empty(per_plane, {0}, at::kFloat)};
 }
 
 }  // namespace dvp

@@ -7,29 +7,36 @@
 // eps comes from the caller (torch's generator), as float32.
 #include "common.h"
 
+#include <ATen/core/List.h>
+
 namespace dvp {
 namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kChunk = 4096;  // elements per task (a multiple of kLanes)
-constexpr int64_t kTaskGrain = 4;  // tasks per thread at least: ~16k elements amortise a wake-up
+constexpr int64_t kMinElemsPerThread = 16384;  // below this a thread wake-up costs more than the work
 
 struct Task {
   int64_t layer, row, begin, end;  // element range [begin, end) inside row `row` of `layer`
 };
 
-// One task per (layer, row, chunk); first_task[l] indexes the first task of layer l.
-std::vector<Task> make_tasks(at::TensorList mu_q, std::vector<int64_t>& first_task) {
+// One task per (layer, row, chunk), in that order.
+std::vector<Task> make_tasks(at::TensorList mu_q) {
   std::vector<Task> tasks;
-  first_task.clear();
   for (int64_t l = 0; l < static_cast<int64_t>(mu_q.size()); ++l) {
-    first_task.push_back(static_cast<int64_t>(tasks.size()));
     const int64_t B = mu_q[l].size(0), n = B ? mu_q[l].numel() / B : 0;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < std::max<int64_t>(n, 1); i += kChunk) tasks.push_back({l, b, i, std::min(i + kChunk, n)});
   }
-  first_task.push_back(static_cast<int64_t>(tasks.size()));
   return tasks;
+}
+
+// Tasks per thread at least, so that each thread gets ~kMinElemsPerThread elements.
+int64_t task_grain(const std::vector<Task>& tasks) {
+  int64_t total = 0;
+  for (const Task& t : tasks) total += t.end - t.begin;
+  const int64_t per_task = std::max<int64_t>(1, total / std::max<int64_t>(1, static_cast<int64_t>(tasks.size())));
+  return std::max<int64_t>(1, kMinElemsPerThread / per_task);
 }
 
 // Fixed-order sum of the lanes (pairwise, the same for every call).
@@ -134,13 +141,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> gaussian_kl(at::TensorList mu_q,
   check_layers(mu_q, lv_q, mu_p, lv_p, noise);
   const int64_t L = static_cast<int64_t>(mu_q.size()), B = mu_q[0].size(0);
   std::vector<at::Tensor> z;
-  for (int64_t l = 0; l < L; ++l) z.push_back(at::empty_like(mu_q[l]));
-  at::Tensor kl = at::zeros({B, L}, mu_q[0].options().dtype(at::kFloat));
+  for (int64_t l = 0; l < L; ++l) z.push_back(empty(mu_q[l], mu_q[l].sizes(), mu_q[l].scalar_type()));
+  at::Tensor kl = empty(mu_q[0], {B, L}, at::kFloat);
   if (B == 0) return {z, kl};
-  std::vector<int64_t> first;
-  const std::vector<Task> tasks = make_tasks(mu_q, first);
+  const std::vector<Task> tasks = make_tasks(mu_q);
   std::vector<float> partial(tasks.size());
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), kTaskGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), task_grain(tasks), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const Task& t = tasks[k];
       const int64_t n = mu_q[t.layer].numel() / B, off = t.row * n + t.begin, len = t.end - t.begin;
@@ -153,6 +159,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> gaussian_kl(at::TensorList mu_q,
     }
   });
   float* klp = kl.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < B * L; ++i) klp[i] = 0.0f;
   for (size_t k = 0; k < tasks.size(); ++k) klp[tasks[k].row * L + tasks[k].layer] += partial[k];  // in task order
   return {z, kl};
 }
@@ -176,14 +183,13 @@ std::vector<at::Tensor> gaussian_kl_backward(const c10::List<std::optional<at::T
   std::vector<at::Tensor> grads(5 * L);
   for (int64_t which = 0; which < 5; ++which)
     for (int64_t l = 0; l < L; ++l)
-      grads[which * L + l] = !(need & (1 << which)) ? at::empty({0}, noise[l].options())
-                             : which == 4           ? at::empty_like(noise[l])
-                                                    : at::empty_like(mu_q[l]);
+      grads[which * L + l] = !(need & (1 << which)) ? empty(noise[l], {0}, at::kFloat)
+                             : which == 4           ? empty(noise[l], noise[l].sizes(), at::kFloat)
+                                                    : empty(mu_q[l], mu_q[l].sizes(), mu_q[l].scalar_type());
   if (B == 0) return grads;
-  std::vector<int64_t> first;
-  const std::vector<Task> tasks = make_tasks(mu_q, first);
+  const std::vector<Task> tasks = make_tasks(mu_q);
   const float* gk = grad_kl.const_data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), kTaskGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), task_grain(tasks), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const Task& t = tasks[k];
       const int64_t l = t.layer, n = mu_q[l].numel() / B, off = t.row * n + t.begin, len = t.end - t.begin;
