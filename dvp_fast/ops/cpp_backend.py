@@ -57,14 +57,16 @@ def _isa_flags() -> tuple[str, list[str]]:
     and a tag for the cache key, so a cache shared between machines never serves a binary
     built for a larger instruction set."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512"):
-        # 256-bit vectors: on these kernels AVX-512 is no faster and it down-clocks older CPUs.
+    if capability == "AVX512":  # the subset torch itself requires for its AVX512 kernels
+        return "avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                          "-mprefer-vector-width=512"]
+    if capability == "AVX2":
         return "avx2", ["-mavx2", "-mfma", "-mf16c"]
     return "base", []
 
 
-def build_settings(src: Path) -> tuple[list[Path], list[str], list[str], Path]:
-    """(sources, cflags, ldflags, build directory) for the sources in `src`."""
+def build_settings(src: Path, cache: Path | None = None) -> tuple[list[Path], list[str], list[str], Path]:
+    """(sources, cflags, ldflags, build directory under `cache`, default cache_root()) for `src`."""
     import dvp_fast
 
     isa, isa_flags = _isa_flags()
@@ -81,7 +83,7 @@ def build_settings(src: Path) -> tuple[list[Path], list[str], list[str], Path]:
     for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     tag = f"{dvp_fast.__version__}-torch{torch.__version__.replace('+', '_')}-{isa}-{digest.hexdigest()[:16]}"
-    return paths, cflags, ldflags, cache_root() / "cpp" / tag
+    return paths, cflags, ldflags, (cache or cache_root()) / "cpp" / tag
 
 
 def _toolchain_problem() -> str | None:
@@ -102,14 +104,14 @@ def _unavailable(reason: str) -> ImportError:
     return ImportError(reason)
 
 
-def build_and_load(src: Path | None = None, name: str = _NAME) -> Path:
+def build_and_load(src: Path | None = None, name: str = _NAME, cache: Path | None = None) -> Path:
     """Build (once, under torch's per-directory build lock) and load the extension; its path.
 
     A finished build leaves a `built` marker, after which later processes load the
     library directly, without a compiler or ninja. Raises ImportError with the reason
     (the compiler's output for a failed build) after one RuntimeWarning.
     """
-    paths, cflags, ldflags, build_dir = build_settings(src or source_dir())
+    paths, cflags, ldflags, build_dir = build_settings(src or source_dir(), cache)
     library, marker = build_dir / f"{name}.so", build_dir / "built"
     if not (marker.exists() and library.exists()):
         problem = _toolchain_problem()
@@ -208,10 +210,6 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
-
-
 # ------------------------------------------------------------------------------------------- DCT
 class _DctCrop(torch.autograd.Function):
     @staticmethod
@@ -270,17 +268,53 @@ def idct_pad_cpp(u: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Tenso
 
 
 # ------------------------------------------------------------------------------------ Gaussian KL
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _draw_noise(mu_q: torch.Tensor) -> torch.Tensor:
+    """The fallback's draw exactly: torch's generator (manual_seed reproduces it), float32, mu_q's layout."""
+    return torch.randn_like(mu_q, dtype=torch.float32)
+
+
 def _layer_inputs(mu_q, logvar_q, mu_p, logvar_p, noise):
-    """One layer's kernel inputs: the four in one native dtype, noise as float32 (drawn if None)."""
+    """One layer's kernel inputs: the four contiguous in one native dtype, noise contiguous float32."""
     four = (mu_q, logvar_q, mu_p, logvar_p)
-    if len({t.dtype for t in four}) > 1 or mu_q.dtype not in _NATIVE:
-        four = tuple(t.float() for t in four)
-    if noise is None:  # the fallback's draw exactly (torch's generator, so manual_seed reproduces it)
-        noise = torch.randn_like(mu_q, dtype=torch.float32)
-    return tuple(t.contiguous() for t in four) + (noise.float().contiguous(),)
+    dtype = mu_q.dtype
+    if dtype not in _NATIVE or any(t.dtype != dtype for t in four):
+        dtype = torch.float32
+    return [_to(t, dtype).contiguous() for t in four] + [_to(noise, torch.float32).contiguous()]
 
 
-class _GaussianKL(torch.autograd.Function):
+def _need_mask(needs) -> int:
+    """Bit w set when any tensor of input group w (mu_q, logvar_q, mu_p, logvar_p, noise) needs a gradient."""
+    per_group = len(needs) // 5
+    return sum(1 << w for w in range(5) if any(needs[w * per_group:(w + 1) * per_group]))
+
+
+class _GaussianSampleKL(torch.autograd.Function):
+    """One layer: (mu_q, logvar_q, mu_p, logvar_p, noise) -> (z, kl (B,)). Backward reads the saved noise."""
+
+    @staticmethod
+    def forward(ctx, mu_q, logvar_q, mu_p, logvar_p, noise):
+        inputs = _layer_inputs(mu_q, logvar_q, mu_p, logvar_p, noise)
+        (z,), kl = _ops.gaussian_kl(*[[t] for t in inputs])
+        ctx.save_for_backward(*inputs)
+        ctx.dtypes = (mu_q.dtype, logvar_q.dtype, mu_p.dtype, logvar_p.dtype, noise.dtype)
+        ctx.set_materialize_grads(False)
+        return _to(z, mu_q.dtype), kl.view(-1)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        saved = ctx.saved_tensors
+        if grad_kl is None:
+            grad_kl = torch.zeros(saved[0].shape[0])
+        needs = ctx.needs_input_grad
+        grads = _ops.gaussian_kl_backward([grad_z], grad_kl.reshape(-1, 1), *[[t] for t in saved], _need_mask(needs))
+        return tuple(_to(g, dtype) if need else None for g, dtype, need in zip(grads, ctx.dtypes, needs))
+
+
+class _GaussianKLGrouped(torch.autograd.Function):
     """inputs: num_layers, then mu_q[L], logvar_q[L], mu_p[L], logvar_p[L], noise[L]; outputs: z[L], kl (B, L)."""
 
     @staticmethod
@@ -290,43 +324,40 @@ class _GaussianKL(torch.autograd.Function):
         zs, kl = _ops.gaussian_kl(*groups)
         ctx.save_for_backward(*[t for group in groups for t in group])
         ctx.num_layers = num_layers
-        ctx.dtypes = [torch.float32 if t is None else t.dtype for t in flat]
+        ctx.dtypes = [t.dtype for t in flat]
         ctx.set_materialize_grads(False)
-        return (*[z.to(flat[l].dtype) for l, z in enumerate(zs)], kl)
+        return (*[_to(z, flat[l].dtype) for l, z in enumerate(zs)], kl)
 
     @staticmethod
     def backward(ctx, *grads):
-        L = ctx.num_layers
-        saved = ctx.saved_tensors
+        L, saved = ctx.num_layers, ctx.saved_tensors
         groups = [list(saved[i * L:(i + 1) * L]) for i in range(5)]
-        grad_z, grad_kl = list(grads[:L]), grads[L]
-        if grad_kl is None:
-            grad_kl = torch.zeros(groups[0][0].shape[0], L)
+        grad_kl = grads[L] if grads[L] is not None else torch.zeros(saved[0].shape[0], L)
         needs = ctx.needs_input_grad[1:]
-        need = sum(1 << which for which in range(5) if any(needs[which * L:(which + 1) * L]))
-        out = _ops.gaussian_kl_backward(grad_z, grad_kl, *groups, need)
-        return (None, *[out[i].to(ctx.dtypes[i]) if needs[i] else None for i in range(5 * L)])
-
-
-def _gaussian_kl(layers, noises):
-    flat = [t for i in range(4) for t in (layer[i] for layer in layers)] + list(noises)
-    if _needs_grad(*flat):
-        *zs, kl = _GaussianKL.apply(len(layers), *flat)
-        return zs, kl
-    inputs = [_layer_inputs(*layer, noise) for layer, noise in zip(layers, noises)]
-    zs, kl = _ops.gaussian_kl(*[[layer[i] for layer in inputs] for i in range(5)])
-    return [z.to(layer[0].dtype) for z, layer in zip(zs, layers)], kl
+        out = _ops.gaussian_kl_backward(list(grads[:L]), grad_kl, *groups, _need_mask(needs))
+        return (None, *[_to(out[i], ctx.dtypes[i]) if needs[i] else None for i in range(5 * L)])
 
 
 @register("gaussian_sample_kl", "cpp")
 def gaussian_sample_kl_cpp(mu_q, logvar_q, mu_p, logvar_p, noise=None):
-    zs, kl = _gaussian_kl([(mu_q, logvar_q, mu_p, logvar_p)], [noise])
-    return zs[0], kl.view(-1)
+    if noise is None:
+        noise = _draw_noise(mu_q)
+    if _needs_grad(mu_q, logvar_q, mu_p, logvar_p, noise):
+        return _GaussianSampleKL.apply(mu_q, logvar_q, mu_p, logvar_p, noise)
+    (z,), kl = _ops.gaussian_kl(*[[t] for t in _layer_inputs(mu_q, logvar_q, mu_p, logvar_p, noise)])
+    return _to(z, mu_q.dtype), kl.view(-1)
 
 
 @register("gaussian_sample_kl_grouped", "cpp")
 def gaussian_sample_kl_grouped_cpp(layers):
-    return _gaussian_kl(layers, [None] * len(layers))
+    noises = [_draw_noise(layer[0]) for layer in layers]  # in layer order, as the fallback draws them
+    flat = [layer[i] for i in range(4) for layer in layers] + noises
+    if _needs_grad(*flat):
+        *zs, kl = _GaussianKLGrouped.apply(len(layers), *flat)
+        return zs, kl
+    inputs = [_layer_inputs(*layer, noise) for layer, noise in zip(layers, noises)]
+    zs, kl = _ops.gaussian_kl(*[[layer[i] for layer in inputs] for i in range(5)])
+    return [_to(z, layer[0].dtype) for z, layer in zip(zs, layers)], kl
 
 
 # -------------------------------------------------------------------------- mixture of logistics
