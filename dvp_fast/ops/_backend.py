@@ -78,7 +78,8 @@ def choose_backend(op: str, backend: str, device: torch.device) -> str:
 
 
 def _usable(op: str, backend: str) -> bool:
-    return backend in _REGISTRY.get(op, {}) and _availability(backend)[0]
+    # Availability first: it imports (and for cpp builds) the backend, which is what registers it.
+    return _availability(backend)[0] and backend in _REGISTRY.get(op, {})
 
 
 def implementation(op: str, backend: str) -> Callable:
