@@ -56,7 +56,7 @@ inline void expand(const float* __restrict__ a, const float* __restrict__ v, flo
 }
 
 // Planes per parallel task chunk: enough work (~10k flops a plane) to amortise a thread wake-up.
-constexpr int64_t kPlaneGrain = 8;
+constexpr int64_t kPlaneGrain = 32;
 
 // grad_scale[c] = sum over b of per_plane[b, c], in batch order (independent of the thread count).
 at::Tensor reduce_over_batch(const at::Tensor& per_plane) {

@@ -14,7 +14,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kChunk = 4096;  // elements per task (a multiple of kLanes)
-constexpr int64_t kMinElemsPerThread = 16384;  // below this a thread wake-up costs more than the work
+constexpr int64_t kMinElemsPerThread = 65536;  // less work per thread loses to the cost of waking it
 
 struct Task {
   int64_t layer, row, begin, end;  // element range [begin, end) inside row `row` of `layer`
