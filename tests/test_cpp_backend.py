@@ -435,6 +435,29 @@ def test_results_do_not_depend_on_the_thread_count(cpp):
         assert torch.equal(a, b), f"output {i} differs between 1 and 2 threads"
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the shared dispatcher's
+def test_torch_compile_traces_through_without_graph_breaks(cpp):
+    """fullgraph=True fails on any graph break; the fake implementations give dynamo the shapes."""
+    x, params = dml_inputs(2, 6, 6, 10, torch.float32)
+    kl_inputs = [torch.randn(2, 3, 4, 4) for _ in range(5)]
+    img, scale = torch.rand(2, 3, 32, 32) * 2 - 1, dct_scale_bound(3, 5, 32)
+
+    def loss(params, img, mu_q, lv_q, mu_p, lv_p, noise):
+        z, kl = ops.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, noise, backend="cpp")
+        u = ops.dct_crop(img, scale, backend="cpp")
+        return (ops.dml_log_prob(x, params, 10, backend="cpp").sum() + kl.sum() + z.square().sum()
+                + ops.idct_pad(u, scale, 32, backend="cpp").square().sum())
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="eager", fullgraph=True)
+    eager_in, compiled_in = leaves(params, img, *kl_inputs[:4]), leaves(params, img, *kl_inputs[:4])
+    eager_loss = loss(*eager_in, kl_inputs[4])
+    compiled_loss = compiled(*compiled_in, kl_inputs[4])
+    assert torch.equal(eager_loss, compiled_loss)
+    for a, b in zip(torch.autograd.grad(eager_loss, eager_in), torch.autograd.grad(compiled_loss, compiled_in)):
+        assert torch.equal(a, b)
+
+
 def test_auto_uses_cpp_for_cpu_tensors(cpp):
     assert _backend.choose_backend("dml_log_prob", "auto", torch.device("cpu")) == "cpp"
     for op in ("dct_crop", "idct_pad", "gaussian_sample_kl", "gaussian_sample_kl_grouped", "dml_log_prob",
