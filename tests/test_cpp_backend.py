@@ -466,7 +466,7 @@ def test_auto_uses_cpp_for_cpu_tensors(cpp):
 
 
 # ---------------------------------------------------------------------------- build machinery
-@pytest.mark.parametrize("missing", ["compiler", "ninja"])
+@pytest.mark.parametrize("missing", ["compiler", "ninja", "writable cache"])
 def test_missing_toolchain_warns_once_and_raises(cpp, monkeypatch, tmp_path, missing):
     import torch.utils.cpp_extension as ext
 
@@ -476,9 +476,13 @@ def test_missing_toolchain_warns_once_and_raises(cpp, monkeypatch, tmp_path, mis
     if missing == "compiler":
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
         reason = "no C++ compiler found"
-    else:
+    elif missing == "ninja":
         monkeypatch.setattr(ext, "is_ninja_available", lambda: False)
         reason = "ninja is not installed"
+    else:
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("DVP_FAST_CACHE", str(tmp_path / "a-file"))  # the cache cannot be created
+        reason = "building the C++ kernels in"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ImportError, match=re.escape(reason)):

@@ -107,35 +107,38 @@ def _unavailable(reason: str) -> ImportError:
 def build_and_load(src: Path | None = None, name: str = _NAME, cache: Path | None = None) -> Path:
     """Build (once, under torch's per-directory build lock) and load the extension; its path.
 
-    A finished build leaves a `built` marker, after which later processes load the
-    library directly, without a compiler or ninja. Raises ImportError with the reason
-    (the compiler's output for a failed build) after one RuntimeWarning.
+    A finished build leaves a `built` marker naming the library, after which later processes
+    load it directly, without a compiler or ninja. Raises ImportError with the reason (the
+    compiler's output for a failed build) after one RuntimeWarning.
     """
     paths, cflags, ldflags, build_dir = build_settings(src or source_dir(), cache)
-    library, marker = build_dir / f"{name}.so", build_dir / "built"
-    if not (marker.exists() and library.exists()):
-        problem = _toolchain_problem()
-        if problem is not None:
-            raise _unavailable(problem)
-        from torch.utils.cpp_extension import load
-
-        build_dir.mkdir(parents=True, exist_ok=True)
-        print(f"dvp_fast: building the native CPU kernels (one time, about a minute) in {build_dir}",
-              file=sys.stderr, flush=True)
+    marker = build_dir / "built"
+    library = Path(marker.read_text()) if marker.exists() else None
+    if library is not None and library.exists():
         try:
-            # load() holds a file lock on build_dir for the whole ninja run, so concurrent
-            # builders take turns; the second finds everything up to date.
-            library = Path(load(name=name, sources=[str(p) for p in paths if p.suffix == ".cpp"],
-                                extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build_dir),
-                                is_python_module=False, verbose=False))
-        except (RuntimeError, OSError, ImportError) as exc:  # the message carries ninja's and the compiler's output
-            raise _unavailable(f"building the C++ kernels in {build_dir} failed:\n{exc}") from exc
+            torch.ops.load_library(str(library))
+        except (OSError, RuntimeError) as exc:
+            raise _unavailable(f"loading {library} failed ({exc}); delete {build_dir} to rebuild it") from exc
+        return library
+    problem = _toolchain_problem()
+    if problem is not None:
+        raise _unavailable(problem)
+    from torch.utils.cpp_extension import load
+
+    print(f"dvp_fast: building the native CPU kernels (one time, about a minute) in {build_dir}",
+          file=sys.stderr, flush=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # load() holds a file lock on build_dir for the whole ninja run, so concurrent builders
+        # take turns; the second finds everything up to date.
+        library = Path(load(name=name, sources=[str(p) for p in paths if p.suffix == ".cpp"], extra_cflags=cflags,
+                            extra_ldflags=ldflags, build_directory=str(build_dir), is_python_module=False,
+                            verbose=False))
         temp = build_dir / f"built.{os.getpid()}"
         temp.write_text(str(library))
         os.replace(temp, marker)  # atomic: a reader never sees a half-written marker
-    else:
-        library = Path(marker.read_text())
-        torch.ops.load_library(str(library))
+    except (RuntimeError, OSError, ImportError) as exc:  # a build error carries ninja's and the compiler's output
+        raise _unavailable(f"building the C++ kernels in {build_dir} failed:\n{exc}") from exc
     return library
 
 
