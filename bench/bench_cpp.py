@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from dvp_fast import ops
+from dvp_fast.ops import _backend
 from dvp_fast.ops.dct import dct_scale_bound
 
 BACKENDS = ("torch", "cpp")
@@ -133,6 +134,55 @@ def bench_cpp_ops(quick: bool, clock: str = "wall") -> list[dict]:
     return rows
 
 
+class _fallback_for_auto:
+    """Within the block, backend="auto" on CPU tensors resolves to torch instead of cpp."""
+
+    def __enter__(self):
+        self.usable = _backend._usable
+        _backend._usable = lambda op, backend: backend != "cpp" and self.usable(op, backend)
+
+    def __exit__(self, *exc):
+        _backend._usable = self.usable
+
+
+def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", batch: int = 32) -> list[dict]:
+    """Rows (as bench_cpp_ops) for one training step of a preset model on CPU: forward, loss,
+    backward, with the model's ops on backend "auto" resolving to cpp or, forced, to torch."""
+    from dvp_fast import DVPVAE  # noqa: PLC0415  (only this benchmark needs the model)
+
+    torch.manual_seed(0)
+    model = DVPVAE.from_preset(preset)
+    cfg = model.config
+    x = torch.rand(batch, cfg.image_channels, cfg.image_size, cfg.image_size)
+    # binary pixels for the Bernoulli presets, the 256 levels for the mixture of logistics
+    x = torch.bernoulli(x) * 2 - 1 if cfg.image_channels == 1 else torch.round(x * 255) / 127.5 - 1
+    model.fit_pseudoinput_scale(x)
+
+    def step(backend: str) -> float:
+        model.zero_grad(set_to_none=True)
+        t0 = CLOCKS[clock]()
+        if backend == "torch":
+            with _fallback_for_auto():
+                model(x).loss.backward()
+        else:
+            model(x).loss.backward()
+        return (CLOCKS[clock]() - t0) * 1e3
+
+    warmup, repeats = (1, 3) if quick else (2, 10)
+    times = {backend: [] for backend in BACKENDS}
+    for rep in range(warmup + repeats):
+        for backend in BACKENDS:
+            elapsed = step(backend)
+            if rep >= warmup:
+                times[backend].append(elapsed)
+    rows = []
+    for backend in BACKENDS:
+        median, iqr = _quartiles(times[backend])
+        rows.append({"section": "train", "name": f"{preset} preset training step, batch {batch}", "backend": backend,
+                     "pass": "fwd+bwd", "median_ms": median, "iqr_ms": iqr})
+    return rows
+
+
 def speedups(rows: list[dict]) -> list[tuple[str, str, float]]:
     """(name, pass, torch median / cpp median) for each op and pass."""
     by_key = {(r["name"], r["pass"], r["backend"]): r["median_ms"] for r in rows}
@@ -146,12 +196,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: perf_counter (default); cpu: process_time, for --threads 1 on a loaded machine")
+    parser.add_argument("--train", action="store_true", help="also time an mnist-preset training step (slow)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads, {args.clock} clock, load average {os.getloadavg()[0]:.1f}")
     rows = bench_cpp_ops(args.quick, args.clock)
+    if args.train:
+        rows += bench_train_step(args.quick, args.clock)
     for r in rows:
         print(f"{r['section']:12s} {r['name']:55s} {r['backend']:6s} {r['pass']:8s} "
               f"{r['median_ms']:9.3f} ms  (IQR {r['iqr_ms']:.3f})")
