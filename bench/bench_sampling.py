@@ -44,7 +44,7 @@ def sample_settings(st: Settings) -> list[tuple[str, int, bool]]:
     if st.quick:
         return [("mnist", 16, False), ("cifar10", 2, False)]
     # compiling the cifar10 sampler with inductor takes minutes on 2 cores: eager only on CPU
-    return [("mnist", 1000, True), ("cifar10", 100, False)]
+    return [("mnist", 1000, True), ("cifar10", 50, False)]
 
 
 def steps_settings(st: Settings) -> list[tuple[str, int]]:

@@ -60,7 +60,7 @@ class Settings:
             return cls(dev, True, warmup=1, repeats=3, min_repeats=2, budget_s=2.0)
         if dev.type == "cuda":
             return cls(dev, False, warmup=5, repeats=50, min_repeats=10, budget_s=20.0)
-        return cls(dev, False, warmup=1, repeats=9, min_repeats=3, budget_s=12.0)
+        return cls(dev, False, warmup=1, repeats=9, min_repeats=3, budget_s=8.0)
 
 
 # --quick on CPU shrinks cifar10's width too: at full width one training step takes seconds even at batch 2

@@ -78,12 +78,18 @@ def _cells(r: dict) -> list[str]:
             fmt_ratio(r), _gbps(r), _mem(r), note]
 
 
+def _drop_empty(header: list[str], rows: list[list[str]], keep: int) -> tuple[list[str], list[list[str]]]:
+    """Leave out columns (after the first `keep`) that are empty in every row."""
+    used = [i for i in range(len(header)) if i < keep or any(r[i] for r in rows)]
+    return [header[i] for i in used], [[r[i] for i in used] for r in rows]
+
+
 def text_table(result: dict, width: int = 60) -> str:
-    """The stdout table: one block per section, columns padded, long cells cut."""
+    """The stdout table: one block per section, columns padded, long cells cut, empty columns left out."""
     lines = []
     for name, sec in result["sections"].items():
-        rows = [[c[:width] for c in _cells(r)[:-1]] for r in sec["rows"]]
-        header = list(COLUMNS[:-1])
+        header, rows = _drop_empty(list(COLUMNS[:-1]), [[c[:width] for c in _cells(r)[:-1]] for r in sec["rows"]],
+                                   keep=6)
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
         lines.append(f"\n== {name} ({sec['seconds']:.0f} s)")
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -213,10 +219,10 @@ def markdown(result: dict, plots: list[str]) -> str:
             rows = [r for r in sec["rows"] if r["group"] == group]
             if not rows:
                 continue
-            lines += [f"### {name}.{group}", "", "| " + " | ".join(COLUMNS[1:]) + " |",
-                      "|" + "---|" * (len(COLUMNS) - 1)]
-            for r in rows:
-                lines.append("| " + " | ".join(c.replace("|", "/") for c in _cells(r)[1:]) + " |")
+            header, cells = _drop_empty(list(COLUMNS[1:]), [[c.replace("|", "/") for c in _cells(r)[1:]]
+                                                             for r in rows], keep=5)
+            lines += [f"### {name}.{group}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(row) + " |" for row in cells]
             lines.append("")
         for p in plots:
             if _PLOT_SECTION.get(os.path.basename(p)) == name:
@@ -274,6 +280,7 @@ def make_plots(result: dict, out_dir: str, name: str) -> list[str]:
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] / 2 for p in pts], fmt=style,
                                 label=f"{preset} {variant}", capsize=3)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("batch size")
         ax.set_ylabel("training images/s (median, IQR bars)")
         ax.set_title(f"Training step throughput\n{device}", fontsize=9)
@@ -296,7 +303,7 @@ def make_plots(result: dict, out_dir: str, name: str) -> list[str]:
             if dvp:
                 ax.axhline(dvp[0], color=color, ls="--", label=f"DVP, {case}")
         ax.set_xlabel("K (VampPrior pseudo-images)")
-        ax.set_ylabel("peak memory, MiB" + (" (absolute)" if total else " (extra over the step's inputs)"))
+        ax.set_ylabel("peak memory of a training step, MiB" + (" (absolute)" if total else "\n(growth over before the step)"))
         ax.set_title(f"Training-step memory against K (paper Table 6)\n{device}", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -310,7 +317,7 @@ def make_plots(result: dict, out_dir: str, name: str) -> list[str]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=case)
         ax.set_xscale("log")
         ax.set_xlabel("diffusion steps")
-        ax.set_ylabel("seconds (median)")
+        ax.set_ylabel("seconds per call (median)")
         ax.set_title(f"Sampling time against steps\n{device}", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
