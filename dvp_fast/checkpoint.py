@@ -3,11 +3,15 @@
 A checkpoint is a dict saved with torch.save. It always carries `format_version`,
 `model_config` and the model weights; training checkpoints add the EMA weights,
 optimiser, scheduler, RNG states and the position in the data.
+
+torch.save writes a zip archive whose members carry CRC-32 checksums that torch.load
+never verifies; `load_checkpoint` verifies them, so a truncated file or a flipped bit in
+the weights is reported instead of being loaded as different numbers.
 """
 from __future__ import annotations
 
+import glob
 import os
-import pickle
 import zipfile
 
 import torch
@@ -33,13 +37,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _temporary_name(path: str, pid: int) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{pid}")
+
+
 def save_checkpoint(payload: dict, path: str) -> None:
     """Write `payload` to `path` atomically: a temporary file, fsync, rename, fsync of the folder.
 
-    If anything fails (a full disk, say) the previous file at `path` is untouched.
+    If anything fails (a full disk, say) the previous file at `path` is untouched and the
+    OSError names the file; a process killed mid-write leaves only a temporary file, which
+    `remove_stale_temporaries` deletes.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = _temporary_name(path, os.getpid())
     payload = {"format_version": FORMAT_VERSION, **payload}
     try:
         with open(tmp, "wb") as f:
@@ -47,11 +57,41 @@ def save_checkpoint(payload: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            kept = "the previous one is untouched" if os.path.exists(path) else "no earlier one exists"
+            raise OSError(exc.errno, f"cannot write checkpoint {path} ({exc.strerror or exc}); {kept}") from exc
         raise
     _fsync_dir(folder)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files of checkpoint writes whose process has died; returns their paths."""
+    removed = []
+    for tmp in glob.glob(os.path.join(folder, ".*.pt.tmp*")):
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # a live writer (another rank's or process's): not ours to remove
+        try:
+            os.remove(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def resolve_checkpoint(path_or_dir: str, prefer: str = BEST) -> str:
@@ -67,16 +107,56 @@ def resolve_checkpoint(path_or_dir: str, prefer: str = BEST) -> str:
     return path_or_dir
 
 
+def _verify_archive(path: str) -> None:
+    """Check the zip structure and every member's CRC-32 (about 0.1 s per 10 MB)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes; truncated or not written by "
+                              f"torch.save?): {exc}") from exc
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint: checksum mismatch in its member {bad!r}")
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load and sanity-check a checkpoint written by `save_checkpoint`."""
+    """Load and sanity-check a checkpoint written by `save_checkpoint`.
+
+    Raises FileNotFoundError for a missing file, CheckpointError (a ValueError) for a
+    truncated, corrupt, foreign or newer-format one, each naming the file.
+    """
+    _verify_archive(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable dvp_fast checkpoint (corrupt or truncated?): {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # unpickling damaged or foreign data raises almost any type
+        raise CheckpointError(f"{path}: not a readable dvp_fast checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or "format_version" not in payload or "model_config" not in payload:
-        raise CheckpointError(f"{path}: not a dvp_fast checkpoint (missing format_version/model_config)")
+        raise CheckpointError(f"{path}: not a dvp_fast checkpoint (expected a dict with format_version and "
+                              f"model_config, got {_describe(payload)})")
     version = payload["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {version!r} is newer than this dvp_fast understands "
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: invalid format_version {version!r}, expected an integer >= 1")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version} is newer than this dvp_fast understands "
                               f"({FORMAT_VERSION}); upgrade dvp_fast")
+    if not isinstance(payload["model_config"], dict):
+        raise CheckpointError(f"{path}: model_config must be a dict, got {type(payload['model_config']).__name__}")
     return payload
+
+
+def require_keys(payload: dict, path: str, keys: tuple[str, ...], what: str) -> None:
+    """CheckpointError naming the keys a `what` needs but `payload` lacks."""
+    missing = [k for k in keys if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: not a {what}: missing {', '.join(missing)}")
+
+
+def _describe(payload) -> str:
+    if isinstance(payload, dict):
+        return f"a dict with keys {sorted(map(str, payload))[:8]}"
+    return f"a {type(payload).__name__}"
