@@ -98,7 +98,8 @@ class DVPConfig:
                 f"likelihood='dml' models RGB images: expected image_channels=3, got {self.image_channels}"
             )
         for key in ("image_channels", "image_size", "num_ch", "latent_width", "enc_blocks_per_scale",
-                    "pseudoinput_size", "num_mix", "diffusion_channels", "diffusion_eval_steps", "sample_steps"):
+                    "pseudoinput_size", "num_mix", "diffusion_channels", "diffusion_groups", "diffusion_eval_steps",
+                    "sample_steps", "mog_components"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not self.latent_scales or min(self.latent_scales) < 1:
@@ -111,8 +112,10 @@ class DVPConfig:
                              "set pseudoinputs=False")
         if self.prior == "vampprior" and self.num_pseudoinputs < 1:
             raise ValueError(f"num_pseudoinputs must be >= 1, got {self.num_pseudoinputs}")
-        if self.pseudoinput_logvar_min > self.pseudoinput_logvar_max:
-            raise ValueError("pseudoinput_logvar_min must be <= pseudoinput_logvar_max")
+        for lo, hi in (("pseudoinput_logvar_min", "pseudoinput_logvar_max"), ("min_logvar", "max_logvar"),
+                       ("gamma_min", "gamma_max")):
+            if not getattr(self, lo) <= getattr(self, hi):
+                raise ValueError(f"{lo} ({getattr(self, lo)!r}) must be <= {hi} ({getattr(self, hi)!r})")
         if self.diffusion_channels % self.diffusion_groups:
             raise ValueError(f"diffusion_channels ({self.diffusion_channels}) must be divisible by "
                              f"diffusion_groups ({self.diffusion_groups})")
@@ -182,6 +185,20 @@ class TrainConfig:
     patience: int = 150
     seed: int = 123
 
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        for key in ("batch_size", "eval_batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("lr", "eps", "grad_clip"):
+            value = getattr(self, key)
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
@@ -189,9 +206,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -248,4 +265,8 @@ def model_preset(name: str, **overrides: Any) -> DVPConfig:
 def train_preset(name: str, **overrides: Any) -> TrainConfig:
     """The TrainConfig of a dataset preset, with `overrides` applied."""
     _check_preset(name)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}; known fields: {sorted(known)}")
     return TrainConfig(**{**_TRAIN_PRESETS[name], **overrides})

@@ -12,6 +12,7 @@ Figure 2 of the paper, as code:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,19 @@ from .priors import MoGPrior, VampPseudoImages, mixture_log_prob
 from .pseudoinput import PseudoInput
 
 LN2 = math.log(2.0)
+
+
+def _positive_int(name: str, value) -> int:
+    """`value` as an int >= 1, or a ValueError naming it (2.5, "8" and True are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _temperature(value) -> float:
+    if not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -151,8 +165,14 @@ class DVPVAE(nn.Module):
         """
         path = resolve_checkpoint(path_or_dir)
         payload = load_checkpoint(path, map_location)
-        model = cls(DVPConfig.from_dict(payload["model_config"]))
+        try:
+            config = DVPConfig.from_dict(payload["model_config"])
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: its model_config is not valid here: {exc}") from exc
         key = "ema" if ema and "ema" in payload else "model"
+        if key not in payload:
+            raise CheckpointError(f"{path}: holds no model weights (no 'model' entry)")
+        model = cls(config)
         try:
             model.load_state_dict(payload[key])
         except (RuntimeError, KeyError) as exc:
@@ -174,6 +194,18 @@ class DVPVAE(nn.Module):
         """Set the DCT normaliser S from training images (uint8 or [-1, 1] floats); returns S."""
         if self.pseudo is None:
             raise RuntimeError("this model has no pseudo-inputs (pseudoinputs=False)")
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor (N, C, D, D), got {type(images).__name__}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(f"images must be uint8 in [0, 255] or floating-point in [-1, 1], got dtype {images.dtype}")
+        _positive_int("batch_size", batch_size)
+        if images.is_floating_point() and images.numel():
+            lo, hi = torch.stack(torch.aminmax(images.detach())).tolist()
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError("images contain NaN or infinite values")
+            if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+                raise ValueError(f"floating-point images must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                                 f"(pass uint8 images in [0, 255] as they are)")
         return self.pseudo.fit_scale(images, batch_size)
 
     # --- input handling -----------------------------------------------------------------------------
@@ -191,12 +223,30 @@ class DVPVAE(nn.Module):
                              f"{cfg.name!r} configuration, got {tuple(x.shape)}")
         if x.device != self.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {self.device}")
+        weight_dtype = self.likelihood_head.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name} has dtype {x.dtype} but the model's weights are {weight_dtype}: convert it "
+                            f"with {name}.to({weight_dtype}) (or run under torch.autocast for mixed precision)")
         if self.validate_inputs and not torch.compiler.is_compiling():
             lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # one host sync for both checks
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError(f"{name} contains NaN or infinite values")
             if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
                 raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+
+    def _check_target(self, target: torch.Tensor, x: torch.Tensor) -> None:
+        if not isinstance(target, torch.Tensor) or not target.is_floating_point():
+            got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
+            raise TypeError(f"target must be a floating-point tensor like x, got {got}")
+        if target.shape != x.shape or target.device != x.device:
+            raise ValueError(f"target must match x: shape {tuple(x.shape)} on {x.device}, got shape "
+                             f"{tuple(target.shape)} on {target.device}")
+        if self.validate_inputs and not torch.compiler.is_compiling():
+            lo, hi = torch.stack(torch.aminmax(target.detach())).tolist()
+            want = (0.0, 1.0) if self.config.likelihood == "bernoulli" else (-1.0, 1.0)
+            if not (want[0] <= lo and hi <= want[1]):  # also false for NaN
+                raise ValueError(f"target must lie in [{want[0]:g}, {want[1]:g}] for the {self.config.likelihood} "
+                                 f"likelihood, got values in [{lo:.4g}, {hi:.4g}]")
 
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -329,6 +379,8 @@ class DVPVAE(nn.Module):
         `target` overrides the likelihood target (by default a fresh binarisation for Bernoulli).
         """
         self._check_images(x)
+        if target is not None:
+            self._check_target(target, x)
         target = self.likelihood_target(x) if target is None else target
         feats = self.encoder(self._encoder_input(x))
         kl_parts = []
@@ -362,15 +414,18 @@ class DVPVAE(nn.Module):
     @torch.no_grad()
     def decode(self, u: torch.Tensor | None, temperature: float = 1.0, n: int | None = None) -> torch.Tensor:
         """Images (B, C, D, D) in [-1, 1] from pseudo-inputs u (B, C, d, d) through the prior ladder."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        temperature = _temperature(temperature)
         if self.pseudo is not None:
             expected = self.pseudo.shape
             if not isinstance(u, torch.Tensor) or u.dim() != 4 or tuple(u.shape[1:]) != expected:
                 got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
                 raise ValueError(f"u must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {got}")
+            if self.validate_inputs and u.numel() and not torch.isfinite(u).all():
+                raise ValueError("u contains NaN or infinite values")
         elif n is None:
             raise ValueError("a model without pseudo-inputs decodes from the prior: pass u=None and n")
+        else:
+            n = _positive_int("n", n)
         return self._decode(u, temperature, n if u is None else u.shape[0])
 
     def _decode(self, u: torch.Tensor | None, temperature: float, batch: int, prior_pass=None) -> torch.Tensor:
@@ -393,13 +448,9 @@ class DVPVAE(nn.Module):
         torch.compile for the diffusion step and the decoder elsewhere; the first call pays
         the capture or compilation.
         """
-        if int(n) < 1:
-            raise ValueError(f"n must be a positive integer, got {n}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        steps = self.config.sample_steps if steps is None else int(steps)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        n = _positive_int("n", n)
+        temperature = _temperature(temperature)
+        steps = self.config.sample_steps if steps is None else _positive_int("steps", steps)
         if sampler not in DiffusionPrior.SAMPLERS:
             raise ValueError(f"sampler must be one of {DiffusionPrior.SAMPLERS}, got {sampler!r}")
         if compile and self.device.type == "cuda":
@@ -434,6 +485,10 @@ class DVPVAE(nn.Module):
         -log r_hat(u) is the diffusion bound averaged over a grid of `grid_steps` times
         (default: config.diffusion_eval_steps), all grid points in one UNet call.
         """
+        self._check_images(x)
+        self._check_target(target, x)
+        if grid_steps is not None:
+            _positive_int("grid_steps", grid_steps)
         y = self.pseudo.mean(x) if self.pseudo is not None else None
         return self._log_weights(self.encoder(self._encoder_input(x)), y, target, grid_steps)
 
@@ -459,8 +514,8 @@ class DVPVAE(nn.Module):
         `max_rows` rows, with a streaming logsumexp on the device.
         """
         self._check_images(x)
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        num_samples = _positive_int("num_samples", num_samples)
+        max_rows = _positive_int("max_rows", max_rows)
         batch = x.shape[0]
         target = self.likelihood_target(x)
         feats = self.encoder(self._encoder_input(x))
@@ -484,6 +539,9 @@ class DVPVAE(nn.Module):
         Returns a float, or a list of per-layer fractions (z_L first) with per_layer=True.
         """
         self._check_images(x)
+        batch_size = _positive_int("batch_size", batch_size)
+        if not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+            raise ValueError(f"threshold must be a number, got {threshold!r}")
         sums = squares = None
         count = 0
         for start in range(0, x.shape[0], batch_size):

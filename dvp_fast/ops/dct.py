@@ -14,7 +14,7 @@ import math
 import torch
 
 from ._backend import choose_backend, implementation, register
-from ._checks import check_floating, check_same_device, check_shape
+from ._checks import check_floating, check_int, check_same_device, check_shape
 
 _BASIS_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -56,8 +56,7 @@ def _check_idct_args(u: torch.Tensor, scale: torch.Tensor, size: int) -> None:
         raise ValueError(f"idct_pad: scale must be (C, d, d) = {tuple(u.shape[1:])}, got {tuple(scale.shape)}")
     if u.shape[-1] != u.shape[-2]:
         raise ValueError(f"idct_pad: u must be square (B, C, d, d), got shape {tuple(u.shape)}")
-    if int(size) < u.shape[-1]:
-        raise ValueError(f"idct_pad: size must be >= d = {u.shape[-1]}, got {size}")
+    check_int("idct_pad", "size", size, minimum=u.shape[-1])
 
 
 def dct_crop(x: torch.Tensor, scale: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import choose_backend, implementation, register
-from ._checks import check_floating, check_same_device
+from ._checks import check_floating, check_int, check_same_device
 
 LOG_SCALE_MIN = -7.0
 HALF_BIN = 1.0 / 255.0
@@ -40,8 +40,7 @@ def _check_args(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> None:
 
 
 def _check_params(params: torch.Tensor, num_mix: int, op: str) -> None:
-    if num_mix < 1:
-        raise ValueError(f"{op}: num_mix must be >= 1, got {num_mix}")
+    check_int(op, "num_mix", num_mix, minimum=1)
     if params.dim() != 4 or params.shape[1] != 10 * num_mix:
         raise ValueError(f"{op}: params must be (B, {10 * num_mix}, H, W) for num_mix={num_mix} "
                          f"(M logits + 3 x 3M means/log-scales/coefficients), got shape {tuple(params.shape)}")

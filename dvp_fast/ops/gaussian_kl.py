@@ -12,7 +12,7 @@ import math
 import torch
 
 from ._backend import choose_backend, implementation, register
-from ._checks import check_floating, check_same_device, check_same_shape
+from ._checks import check_floating, check_nonempty, check_same_device, check_same_shape
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -27,6 +27,7 @@ def _check_args(mu_q, logvar_q, mu_p, logvar_p, noise) -> None:
     check_same_device("gaussian_sample_kl", **named)
     if mu_q.dim() < 1:
         raise ValueError("gaussian_sample_kl: inputs need a leading batch dimension, got a scalar")
+    check_nonempty("gaussian_sample_kl", "mu_q", mu_q)
 
 
 def gaussian_sample_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor,
@@ -50,8 +51,17 @@ def gaussian_sample_kl_grouped(layers: list[tuple[torch.Tensor, torch.Tensor, to
     """
     if not layers:
         raise ValueError("gaussian_sample_kl_grouped: expected at least one layer")
-    for layer in layers:
+    for i, layer in enumerate(layers):
+        if len(layer) != 4:
+            raise ValueError(f"gaussian_sample_kl_grouped: layer {i} must be (mu_q, logvar_q, mu_p, logvar_p), "
+                             f"got {len(layer)} items")
         _check_args(*layer, None)
+    first = layers[0][0]
+    for i, layer in enumerate(layers[1:], 1):
+        if layer[0].shape[0] != first.shape[0] or layer[0].device != first.device:
+            raise ValueError(f"gaussian_sample_kl_grouped: every layer must share layer 0's batch size and device "
+                             f"({first.shape[0]} on {first.device}), layer {i} has {layer[0].shape[0]} on "
+                             f"{layer[0].device}")
     fn = implementation("gaussian_sample_kl_grouped",
                         choose_backend("gaussian_sample_kl_grouped", backend, layers[0][0].device))
     return fn(layers)
