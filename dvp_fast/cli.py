@@ -18,7 +18,36 @@ from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .images import save_grid
 from .model import DVPVAE
 
-_EXPECTED_ERRORS = (ValueError, TypeError, RuntimeError, OSError, CheckpointError, NotImplementedError)
+# Errors that describe bad input or a faulty environment: shown as one line without a traceback.
+# Anything else is a bug: also one line, but labelled as such and pointing to --debug.
+EXPECTED_ERRORS = (ValueError, TypeError, RuntimeError, OSError, CheckpointError, NotImplementedError)
+_MAX_MESSAGE = 2000
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text: str) -> str:
+    """Collapse a message onto one line (compiler output, torch's multi-line errors), cut to a sane length."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + " ... (--debug shows all)"
+
+
+def report_error(prog: str, exc: BaseException) -> int:
+    """Print `exc` as one line on stderr; returns the exit code (2 for expected errors, 1 for bugs)."""
+    if isinstance(exc, EXPECTED_ERRORS):
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:  # drop the "[Errno 28] " prefix, keep the file name
+            message = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+        return 2
+    print(f"{prog}: internal error: {type(exc).__name__}: {one_line(exc)} (re-run with --debug for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 def _device(name: str) -> torch.device:
@@ -35,11 +64,10 @@ def _run(prog: str, fn, args) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except _EXPECTED_ERRORS as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(prog, exc)
     return 0
 
 
@@ -74,7 +102,7 @@ def sample(args: argparse.Namespace) -> None:
 
 
 def sample_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dvp-sample", description="Draw a PNG grid of samples from a DVP-VAE.")
+    p = OneLineParser(prog="dvp-sample", description="Draw a PNG grid of samples from a DVP-VAE.")
     p.add_argument("--checkpoint", required=True, help="run folder (uses best.pt) or a .pt file")
     p.add_argument("--n", type=_positive(int), default=64, help="number of samples")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -87,8 +115,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:
+        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     return _run("dvp-sample", sample, args)
 
 
@@ -132,7 +160,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dvp-eval", description="Test ELBO, IWAE NLL and active units of a DVP-VAE.")
+    p = OneLineParser(prog="dvp-eval", description="Test ELBO, IWAE NLL and active units of a DVP-VAE.")
     p.add_argument("--checkpoint", required=True, help="run folder (uses best.pt) or a .pt file")
     p.add_argument("--data", default=None, choices=datasets.DATASETS, help="default: the dataset it was trained on")
     p.add_argument("--data-dir", default=None)

@@ -11,17 +11,26 @@ in the data, so a resumed CPU run reproduces an uninterrupted one exactly.
 
 The hot loop never waits on the device: metrics are accumulated there and read every
 --log-every steps, gradient clipping and non-finite-step skipping happen on device.
+
+Faults: checkpoints are written atomically and verified on load, so a run killed at any
+moment (SIGKILL included) resumes from its last complete checkpoint; an unwritable or
+nearly full --out is refused before training starts; a failed checkpoint write stops the
+run with the previous checkpoint intact; a lock file keeps two runs out of one folder.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import copy
 import csv
+import errno
 import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,13 +39,17 @@ import torch
 import torch.distributed as dist
 
 from . import data as datasets
-from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (BEST, LAST, CheckpointError, load_checkpoint, remove_stale_temporaries, require_keys,
+                         save_checkpoint)
+from .cli import OneLineParser, report_error
 from .config import PRESETS, DVPConfig, TrainConfig, model_preset, train_preset
 from .images import save_grid
 from .model import DVPVAE
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "elbo", "recon", "kl", "grad_norm", "skipped", "images_per_s",
                  "val_loss", "val_elbo", "active_units", "time_s"]
+MAX_CONSECUTIVE_SKIPS = 50  # non-finite steps in a row after which the run is called diverged
+RESUME_KEYS = ("model_config", "train_config", "run", "model", "trainer", "step", "epoch", "batch_index", "rng")
 
 
 # --- schedule, optimiser, EMA ------------------------------------------------------------------------
@@ -246,28 +259,49 @@ def seed_everything(seed: int) -> None:
 
 # --- metrics file -------------------------------------------------------------------------------------------
 class MetricsCSV:
-    """metrics.csv with a fixed header; on resume, rows past the checkpoint's step are dropped."""
+    """metrics.csv with a fixed header; on resume, rows past the checkpoint's step are dropped.
+
+    Rows that a killed process left half-written (missing or extra fields) are dropped too;
+    a file that cannot be parsed at all is kept beside the new one as metrics.csv.damaged.
+    """
 
     def __init__(self, path: str, resume_step: int | None):
         self.path = path
+        kept = []
         if resume_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-            self._rewrite(kept)
-        elif not os.path.exists(path) or resume_step is None:
-            self._rewrite([])
+            try:
+                with open(path, newline="") as f:
+                    kept = [r for r in csv.DictReader(f) if _complete_row(r, resume_step)]
+            except (csv.Error, UnicodeDecodeError, ValueError) as exc:
+                os.replace(path, path + ".damaged")
+                print(f"dvp-train: warning: {path} could not be parsed ({exc}); moved it to {path}.damaged and "
+                      f"started a new one", file=sys.stderr)
+        self._rewrite(kept)
 
     def _rewrite(self, rows: list[dict]) -> None:
         tmp = self.path + ".tmp"
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_FIELDS)
+            writer = csv.DictWriter(f, METRIC_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, METRIC_FIELDS).writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, METRIC_FIELDS).writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot append to {self.path}: {exc.strerror or exc}") from exc
+
+
+def _complete_row(row: dict, max_step: int) -> bool:
+    """A row with exactly the known fields and a step no later than `max_step`."""
+    if None in row or any(v is None for v in row.values()):
+        return False  # a half-written line: fields missing, or two lines run together
+    step = row.get("step") or ""
+    return step.isdigit() and int(step) <= max_step
 
 
 def _fmt(v):
@@ -277,8 +311,8 @@ def _fmt(v):
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dvp-train", description="Train a DVP-VAE.")
+def parse_args(argv: list[str] | None = None):
+    p = OneLineParser(prog="dvp-train", description="Train a DVP-VAE.")
     p.add_argument("--preset", default="mnist", choices=PRESETS, help="model and optimisation preset")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<data>); re-run to resume")
     p.add_argument("--data", default="embedded", choices=datasets.DATASETS,
@@ -338,14 +372,109 @@ def _compile_blocks(model: DVPVAE) -> None:
 
 
 def _check_writable(folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
+    """Create the run folder and write a probe file there, before any training."""
     probe = os.path.join(folder, f".write_test{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(probe, "wb") as f:
             f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
         os.remove(probe)
     except OSError as exc:
-        raise RuntimeError(f"cannot write to the run folder {folder}: {exc}") from exc
+        raise OSError(exc.errno, f"cannot write to the run folder {folder}: {exc.strerror or exc}") from exc
+
+
+def checkpoint_bytes(model: DVPVAE) -> int:
+    """Rough size of a training checkpoint: weights, EMA weights and two Adamax moments."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return 4 * params + 2 * buffers + (1 << 20)
+
+
+def _check_free_space(folder: str, model: DVPVAE) -> None:
+    """Refuse to start when the disk cannot hold last.pt, best.pt and the temporary copy of one."""
+    need = 3 * checkpoint_bytes(model)
+    need -= sum(os.path.getsize(os.path.join(folder, n)) for n in (LAST, BEST) if os.path.isfile(os.path.join(folder, n)))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"only {free / 2**20:.1f} MiB free on the disk of {folder}, but training "
+                                    f"needs about {need / 2**20:.1f} MiB for its checkpoints (last.pt, best.pt and "
+                                    f"a temporary copy while one is replaced); free some space or choose "
+                                    f"another --out")
+
+
+def _lock_run_folder(folder: str):
+    """An exclusive lock on folder/.lock for the life of the run (released by the OS even on SIGKILL)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: run unlocked
+        return contextlib.nullcontext()
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RuntimeError(f"another dvp-train (pid {holder}) is training in {folder}; wait for it to finish "
+                           f"or choose another --out") from None
+    except OSError:  # a file system without locks (some NFS): run unlocked
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _load_resume(path: str) -> dict:
+    """The training checkpoint at `path`, or an error that says how to go on without it."""
+    try:
+        payload = load_checkpoint(path)
+        require_keys(payload, path, RESUME_KEYS, "training checkpoint that can be resumed")
+        saved = DVPConfig.from_dict(payload["model_config"])
+        tcfg = TrainConfig.from_dict(payload["train_config"])
+    except (CheckpointError, ValueError, TypeError) as exc:
+        best = os.path.join(os.path.dirname(path), BEST)
+        hint = f" ({best} holds the best weights so far)" if os.path.isfile(best) else ""
+        raise CheckpointError(f"cannot resume: {exc}; move {path} away to start this run afresh{hint}") from exc
+    payload["model_config"], payload["train_config"] = saved, tcfg
+    return payload
+
+
+class Stopped(Exception):
+    """The run stopped cleanly on SIGTERM or SIGINT, after saving last.pt."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopRequests:
+    """SIGTERM/SIGINT set a flag that the loop reads between steps (a second one stops at once)."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT") if hasattr(signal, n))
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self.signum: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for signum in self.SIGNALS:
+            previous = signal.signal(signum, self._handle)
+            stack.callback(signal.signal, signum, previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def _write_json(path: str, content: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _load_data(args, cfg: DVPConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,7 +487,12 @@ def _load_data(args, cfg: DVPConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return train, val
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args) -> dict:
+    with contextlib.ExitStack() as stack:
+        return _run(args, stack)
+
+
+def _run(args, stack: contextlib.ExitStack) -> dict:
     rank, world, local_rank = _distributed()
     is_main = rank == 0
     device = _device(args.device, local_rank)
@@ -371,24 +505,29 @@ def run(args: argparse.Namespace) -> dict:
     out = args.out or os.path.join("runs", f"{args.preset}-{args.data}")
     if is_main:
         _check_writable(out)
+        stack.enter_context(_lock_run_folder(out))
+        for name in remove_stale_temporaries(out):
+            print(f"dvp-train: removed {name}, left by an interrupted checkpoint write", file=sys.stderr)
     if tcfg.batch_size % world:
         raise ValueError(f"--batch-size {tcfg.batch_size} must be divisible by the {world} processes")
 
     last_path = os.path.join(out, LAST)
-    resume = load_checkpoint(last_path) if os.path.exists(last_path) else None
+    resume = _load_resume(last_path) if os.path.exists(last_path) else None
     if resume is not None:
-        saved = DVPConfig.from_dict(resume["model_config"])
+        saved = resume["model_config"]
         if saved != mcfg:
             raise ValueError(f"{last_path} holds a run of preset {saved.name!r} with another configuration; "
                              f"choose a new --out to start a {mcfg.name!r} run")
-        tcfg = TrainConfig.from_dict(resume["train_config"])
-        if resume["run"]["data"] != args.data:
-            raise ValueError(f"{last_path} was trained on --data {resume['run']['data']}, not {args.data}")
+        tcfg = resume["train_config"]
+        if resume["run"].get("data") != args.data:
+            raise ValueError(f"{last_path} was trained on --data {resume['run'].get('data')}, not {args.data}")
 
     seed_everything(tcfg.seed + rank)
     train_images, val_images = _load_data(args, mcfg)
     model = DVPVAE(mcfg).to(device)
     model.validate_inputs = False  # uint8 data converted on device is in range by construction
+    if is_main:
+        _check_free_space(out, model)
     if resume is None and model.pseudo is not None and mcfg.pseudoinput_type == "dct":
         fit = getattr(datasets, "fit_scale_cached", None)
         if fit is not None:
@@ -426,9 +565,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"dvp-train: resuming {last_path} at step {step} (epoch {epoch}, batch {batch_index})", flush=True)
 
     if is_main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dict(model=mcfg.to_dict(), train=tcfg.to_dict(), run=dict(vars(args), out=out,
-                                                                                    world_size=world)), f, indent=2)
+        _write_json(os.path.join(out, "config.json"),
+                    dict(model=mcfg.to_dict(), train=tcfg.to_dict(), run=dict(vars(args), out=out, world_size=world)))
         metrics = MetricsCSV(os.path.join(out, "metrics.csv"), step if resume is not None else None)
 
     def checkpoint(path: str, position: tuple[int, int]) -> None:
@@ -436,7 +574,11 @@ def run(args: argparse.Namespace) -> dict:
                        model=model.state_dict(), trainer=trainer.state_dict(), step=step, epoch=position[0],
                        batch_index=position[1], best_val_loss=best, rng=rng_state(),
                        ema=trainer.ema.model.state_dict())
-        save_checkpoint(payload, path)
+        try:
+            save_checkpoint(payload, path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror or exc}; training stopped at step {step}; re-run the same "
+                                     f"command to resume from the last checkpoint") from exc
 
     progress = None
     if is_main and not args.no_progress:
@@ -444,6 +586,10 @@ def run(args: argparse.Namespace) -> dict:
 
         progress = tqdm(total=total_steps, initial=step, desc=f"dvp-train {args.preset}", unit="step",
                         dynamic_ncols=True, file=sys.stderr)
+        stack.callback(progress.close)
+    say = progress.write if progress is not None else (lambda text: print(text, file=sys.stderr, flush=True))
+    skipped_seen = int(resume["trainer"].get("skipped", 0)) if resume is not None else 0
+    stop = _StopRequests(stack)
     started, t_interval, step_interval = time.time(), time.perf_counter(), step
     model.train()
     summary = {}
@@ -462,9 +608,14 @@ def run(args: argparse.Namespace) -> dict:
                 elapsed = time.perf_counter() - t_interval
                 ips = (step - step_interval) * tcfg.batch_size / max(elapsed, 1e-9)
                 t_interval, step_interval = time.perf_counter(), step
-                if m["consecutive"] >= 50:
-                    raise RuntimeError(f"training diverged: {m['consecutive']} non-finite steps in a row at step "
-                                       f"{step}; lower --lr or check the data")
+                if m["skipped"] > skipped_seen and is_main:
+                    say(f"dvp-train: step {step}: skipped {m['skipped'] - skipped_seen} step(s) with a non-finite "
+                        f"loss or gradient ({m['skipped']} in total)")
+                    skipped_seen = m["skipped"]
+                if m["consecutive"] >= MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(f"training diverged: the last {m['consecutive']} steps (up to step {step}) had "
+                                       f"a non-finite loss or gradient and were skipped; lower --lr (it is "
+                                       f"{tcfg.lr:g}) or check the data; re-running resumes from the last checkpoint")
                 row = dict(step=step, epoch=step / steps_per_epoch, lr=trainer.scheduler.get_last_lr()[0],
                            loss=m["loss"], elbo=m["elbo"], recon=m["recon"], kl=m["kl"], grad_norm=m["grad_norm"],
                            skipped=m["skipped"], images_per_s=ips, time_s=time.time() - started)
@@ -485,6 +636,12 @@ def run(args: argparse.Namespace) -> dict:
                 metrics.append(row)
             if (step % ckpt_every == 0 or done) and is_main:
                 checkpoint(last_path, position)
+            if stop.signum is not None and not done:
+                if is_main and step % ckpt_every:
+                    checkpoint(last_path, position)
+                name = signal.Signals(stop.signum).name
+                raise Stopped(stop.signum, f"stopped by {name} after step {step}; saved {last_path}; re-run the "
+                                           f"same command to resume")
             if progress is not None:
                 progress.update(1)
             if done:
@@ -492,10 +649,11 @@ def run(args: argparse.Namespace) -> dict:
         epoch, batch_index = (epoch + 1, 0) if batch_index >= steps_per_epoch else (epoch, batch_index)
     if progress is not None:
         progress.close()
-    result = dict(steps=step, best_val_loss=best, out=out, **summary)
+    skipped = int(trainer.state.skipped.item())
+    result = dict(steps=step, best_val_loss=best, out=out, skipped=skipped, **summary)
     if is_main:
-        print(f"dvp-train: done: {step} steps in {time.time() - started:.1f} s; best validation "
-              f"{best:.4f} bits/dim; last: {summary.get('val_elbo', float('nan')):.2f} nats ELBO, "
+        print(f"dvp-train: done: {step} steps in {time.time() - started:.1f} s ({skipped} skipped as non-finite); "
+              f"best validation {best:.4f} bits/dim; last: {summary.get('val_elbo', float('nan')):.2f} nats ELBO, "
               f"{summary.get('active_units', float('nan')):.1%} active units; checkpoints in {out}", flush=True)
     if world > 1:
         dist.barrier()
@@ -506,14 +664,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
+    except Stopped as exc:
+        print(f"dvp-train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("dvp-train: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, RuntimeError, OSError, CheckpointError, NotImplementedError) as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"dvp-train: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("dvp-train", exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
