@@ -18,3 +18,7 @@ class NoRandomness:
 
     def __exit__(self, *exc):
         torch.randn_like, torch.rand, torch.bernoulli = self.saved
+
+# The smallest sensible configuration, for tests that run whole training processes.
+TINY = dict(num_ch=4, latent_scales=(1, 1), enc_blocks_per_scale=1, diffusion_channels=8, diffusion_groups=8,
+            diffusion_res_blocks=1)
