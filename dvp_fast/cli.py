@@ -129,7 +129,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if name is None:
         raise ValueError(f"{path} does not record its dataset: pass --data")
     model = DVPVAE.from_checkpoint(path, ema=not args.raw_weights).to(device).eval()
-    images = datasets.load_images(name, args.split, root=args.data_dir)
+    images = datasets.load_images(name, args.split, root=args.data_dir, download=args.download)
     if args.limit is not None:
         images = images[:args.limit]
     cfg = model.config
@@ -164,6 +164,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="run folder (uses best.pt) or a .pt file")
     p.add_argument("--data", default=None, choices=datasets.DATASETS, help="default: the dataset it was trained on")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--download", action="store_true", help="fetch missing standard dataset files into --data-dir")
     p.add_argument("--split", default="test", choices=datasets.SPLITS)
     p.add_argument("--num-samples", type=_positive(int), default=1000, help="importance samples per image")
     p.add_argument("--batch-size", type=_positive(int), default=100)

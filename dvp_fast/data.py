@@ -203,7 +203,8 @@ def load_mnist_file(root: str, part: str, download: bool = False) -> tuple[np.nd
         missing = [n for n, p in zip((img_name, lab_name), paths) if p is None]
         raise FileNotFoundError(f"mnist: missing {' and '.join(m + '[.gz]' for m in missing)} in {folder} "
                                 f"(root may be the folder with the four IDX files or hold them in MNIST/raw); "
-                                f"get them from {MNIST_MIRRORS[0]} or pass download=True")
+                                f"get them from {MNIST_MIRRORS[0]} or pass download=True (--download on the "
+                                f"command line)")
     img_path, lab_path = paths
     img_content, lab_content = _read_file(img_path), _read_file(lab_path)
     images = parse_idx(img_content, img_path, ndim=3)
@@ -272,7 +273,8 @@ def load_omniglot_file(root: str, part: str, download: bool = False) -> tuple[np
         os.replace(path + ".download", path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"omniglot: missing {path} (root may be that file, its folder, or hold it in "
-                                f"OMNIGLOT/); get it from {OMNIGLOT_URL} or pass download=True")
+                                f"OMNIGLOT/); get it from {OMNIGLOT_URL} or pass download=True (--download on the "
+                                f"command line)")
     key, label_key, _ = OMNIGLOT_KEYS[part]
     present, mat = _read_mat(path, [key, label_key])
     if key not in mat:
@@ -346,7 +348,8 @@ def _cifar_folder(root: str) -> str:
 def _read_cifar_batch(path: str, md5: str) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"cifar10: missing {path}; expected data_batch_1..5 and test_batch in "
-                                f"{os.path.dirname(path)} (from {CIFAR_URL}), or pass download=True")
+                                f"{os.path.dirname(path)} (from {CIFAR_URL}), or pass download=True (--download on "
+                                f"the command line)")
     with open(path, "rb") as f:
         raw = f.read()
     try:

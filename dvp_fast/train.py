@@ -318,6 +318,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--data", default="embedded", choices=datasets.DATASETS,
                    help="dataset (default: the 5,000 MNIST digits embedded in the install)")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--download", action="store_true", help="fetch missing standard dataset files into --data-dir")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, default=None, help="stop after this many optimisation steps")
     length.add_argument("--epochs", type=float, default=None, help="stop after this many epochs (preset default)")
@@ -395,7 +396,8 @@ def checkpoint_bytes(model: DVPVAE) -> int:
 def _check_free_space(folder: str, model: DVPVAE) -> None:
     """Refuse to start when the disk cannot hold last.pt, best.pt and the temporary copy of one."""
     need = 3 * checkpoint_bytes(model)
-    need -= sum(os.path.getsize(os.path.join(folder, n)) for n in (LAST, BEST) if os.path.isfile(os.path.join(folder, n)))
+    existing = [os.path.join(folder, name) for name in (LAST, BEST)]
+    need -= sum(os.path.getsize(path) for path in existing if os.path.isfile(path))
     free = shutil.disk_usage(folder).free
     if free < need:
         raise OSError(errno.ENOSPC, f"only {free / 2**20:.1f} MiB free on the disk of {folder}, but training "
@@ -478,7 +480,7 @@ def _write_json(path: str, content: dict) -> None:
 
 
 def _load_data(args, cfg: DVPConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    train = datasets.load_images(args.data, "train", root=args.data_dir)
+    train = datasets.load_images(args.data, "train", root=args.data_dir, download=args.download)
     val = datasets.load_images(args.data, "val", root=args.data_dir)
     expected = (cfg.image_channels, cfg.image_size, cfg.image_size)
     if tuple(train.shape[1:]) != expected:

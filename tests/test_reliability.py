@@ -61,7 +61,7 @@ def metrics(folder):
         return list(csv.DictReader(f))
 
 
-# --- model calls ------------------------------------------------------------------------------------------------
+# --- model calls ----------------------------------------------------------------------------------------------------
 X = lambda: torch.rand(2, 1, 28, 28) * 2 - 1  # noqa: E731
 MODEL_CASES = {
     "forward float64": (lambda m: m(X().double()), TypeError, r"float64 but the model's weights are torch.float32"),
@@ -70,7 +70,8 @@ MODEL_CASES = {
     "forward target NaN": (lambda m: m(X(), target=torch.full((2, 1, 28, 28), float("nan"))), ValueError,
                            r"target must lie in \[0, 1\].*nan"),
     "forward empty batch": (lambda m: m(X()[:0]), ValueError, r"\(B, 1, 28, 28\).*got \(0, 1, 28, 28\)"),
-    "nll float samples": (lambda m: m.nll(X(), num_samples=2.5), ValueError, "num_samples must be a positive integer, got 2.5"),
+    "nll float samples": (lambda m: m.nll(X(), num_samples=2.5), ValueError,
+                          "num_samples must be a positive integer, got 2.5"),
     "nll wrong shape": (lambda m: m.nll(torch.zeros(2, 1, 27, 27)), ValueError, r"got \(2, 1, 27, 27\)"),
     "sample float n": (lambda m: m.sample(2.5), ValueError, "n must be a positive integer, got 2.5"),
     "sample NaN temperature": (lambda m: m.sample(2, temperature=float("nan")), ValueError,
@@ -82,7 +83,8 @@ MODEL_CASES = {
     "decode inf temperature": (lambda m: m.decode(torch.zeros(2, 1, 7, 7), temperature=float("inf")), ValueError,
                                "temperature must be a finite number"),
     "encode out of range": (lambda m: m.encode(X() * 3 + 3), ValueError, r"must lie in \[-1, 1\]"),
-    "encode on another device": (lambda m: m.encode(X().to("meta")), ValueError, "x is on meta but the model is on cpu"),
+    "encode on another device": (lambda m: m.encode(X().to("meta")), ValueError,
+                                 "x is on meta but the model is on cpu"),
     "active_units batch_size 0": (lambda m: m.active_units(X(), batch_size=0), ValueError,
                                   "batch_size must be a positive integer, got 0"),
     "active_units uint8": (lambda m: m.active_units(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)), TypeError,
@@ -119,7 +121,7 @@ def test_bad_configs_name_the_field():
         train_preset("mnist", lrr=1.0)
 
 
-# --- ops: shapes, dtypes, devices, integer arguments (values are the model's job) -----------------------------
+# --- ops: shapes, dtypes, devices, integer arguments (values are the model's job) -----------------------------------
 S = dct_scale_bound(1, 7, 28)
 M = torch.zeros(4, 3, 5, 5)
 P = torch.zeros(2, 100, 4, 4)
@@ -177,7 +179,7 @@ def test_ops_do_not_check_values():
     assert torch.isnan(y).all()
 
 
-# --- checkpoint files ----------------------------------------------------------------------------------------------
+# --- checkpoint files -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint_file(tmp_path_factory, model):
     path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
@@ -272,7 +274,7 @@ def test_resume_refuses_a_foreign_or_damaged_last_pt(small_runs, tmp_path, capsy
         train.main(["--out", out, "--max-steps", "2", "--debug", *FAST])
 
 
-# --- command lines -----------------------------------------------------------------------------------------------------
+# --- command lines --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("main,argv,message", [
     (train.main, ["--preset", "svhn"], "dvp-train: error: argument --preset: invalid choice: 'svhn'"),
     (train.main, ["--max-steps", "0"], "dvp-train: error: --max-steps must be >= 1, got 0"),
@@ -287,6 +289,27 @@ def test_bad_command_lines_are_one_line(capsys, main, argv, message):
     assert exc.value.code == 2
     err = one_error_line(capsys)
     assert message in err and err.endswith("--help)")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "mnist", "--data-dir", "EMPTY"], "mnist: missing train-images-idx3-ubyte[.gz] and "
+                                                 "train-labels-idx1-ubyte[.gz] in EMPTY"),
+    (["--data", "omniglot", "--data-dir", "EMPTY"], "omniglot: missing EMPTY/chardata.mat"),
+    (["--data", "mnist", "--data-dir", "GARBAGE"], "bad IDX magic number"),
+    (["--batch-size", "100000"], "batch_size 100000 exceeds the 4500 images of the dataset"),
+])
+def test_missing_or_corrupt_data_is_one_line(small_runs, tmp_path, capsys, argv, message):
+    empty, garbage = tmp_path / "empty", tmp_path / "garbage"
+    empty.mkdir()
+    garbage.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (garbage / name).write_bytes(b"\x00\x00\x08\x04 not an IDX file at all")
+    argv = [a.replace("EMPTY", str(empty)).replace("GARBAGE", str(garbage)) for a in argv]
+    assert train.main(["--out", str(tmp_path / "run"), "--max-steps", "1", *FAST, *argv]) == 2
+    err = one_error_line(capsys)
+    assert message.replace("EMPTY", str(empty)) in err
+    if "missing" in message:
+        assert "--download on the command line" in err
 
 
 def test_sample_and_eval_errors_are_one_line_and_debug_raises(tmp_path, capsys, checkpoint_file):
@@ -324,7 +347,7 @@ def test_real_process_prints_one_line_and_traceback_only_with_debug(tmp_path):
     assert loud.returncode != 0 and "Traceback (most recent call last)" in loud.stderr
 
 
-# --- disks and folders -------------------------------------------------------------------------------------------------
+# --- disks and folders ----------------------------------------------------------------------------------------------
 def test_unwritable_out_is_refused_before_training(small_runs, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(train, "_load_data", lambda *a: pytest.fail("training started"))
     blocker = tmp_path / "file"
@@ -420,7 +443,7 @@ def test_remove_stale_temporaries_keeps_a_live_writers_file(tmp_path):
     assert live.exists()
 
 
-# --- numerics and determinism ----------------------------------------------------------------------------------------
+# --- numerics and determinism ---------------------------------------------------------------------------------------
 def test_a_huge_learning_rate_is_survived_by_skipping_and_reported(small_runs, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert train.main(["--out", out, "--max-steps", "4", "--lr", "1e6", *FAST]) == 0
