@@ -193,9 +193,10 @@ class Trainer:
         st = self.state
         values = torch.cat([st.sums, st.grad_norm.view(1), st.skipped.view(1), st.consecutive.view(1)]).tolist()
         st.sums.zero_()
-        count = max(values[4], 1.0)
-        return dict(loss=values[0] / count, elbo=-values[1] / count, recon=values[2] / count, kl=values[3] / count,
-                    steps=values[4], grad_norm=values[5], skipped=int(values[6]), consecutive=int(values[7]))
+        count = values[4]  # finite steps in the interval; with none, the means are NaN, not 0
+        mean = (lambda v: v / count) if count else (lambda v: math.nan)
+        return dict(loss=mean(values[0]), elbo=-mean(values[1]), recon=mean(values[2]), kl=mean(values[3]),
+                    steps=count, grad_norm=values[5], skipped=int(values[6]), consecutive=int(values[7]))
 
     def state_dict(self) -> dict:
         return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
@@ -654,8 +655,9 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     skipped = int(trainer.state.skipped.item())
     result = dict(steps=step, best_val_loss=best, out=out, skipped=skipped, **summary)
     if is_main:
+        best_text = f"{best:.4f} bits/dim" if math.isfinite(best) else "none finite"
         print(f"dvp-train: done: {step} steps in {time.time() - started:.1f} s ({skipped} skipped as non-finite); "
-              f"best validation {best:.4f} bits/dim; last: {summary.get('val_elbo', float('nan')):.2f} nats ELBO, "
+              f"best validation {best_text}; last: {summary.get('val_elbo', float('nan')):.2f} nats ELBO, "
               f"{summary.get('active_units', float('nan')):.1%} active units; checkpoints in {out}", flush=True)
     if world > 1:
         dist.barrier()
