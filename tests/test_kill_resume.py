@@ -42,7 +42,7 @@ train.save_images = lambda *args, **kwargs: None
 sys.exit(train.main(sys.argv[1:]))
 """
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]
 
 
 def start(out: str) -> subprocess.Popen:
