@@ -17,6 +17,7 @@ Each op has two layers:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -86,9 +87,21 @@ def build_settings(src: Path, cache: Path | None = None) -> tuple[list[Path], li
     return paths, cflags, ldflags, (cache or cache_root()) / "cpp" / tag
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its CUDA_HOME notice (these kernels are CPU-only)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _toolchain_problem() -> str | None:
     """Why the extension cannot be compiled here, or None."""
-    from torch.utils.cpp_extension import is_ninja_available
+    is_ninja_available = _cpp_extension().is_ninja_available
 
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -123,8 +136,7 @@ def build_and_load(src: Path | None = None, name: str = _NAME, cache: Path | Non
     problem = _toolchain_problem()
     if problem is not None:
         raise _unavailable(problem)
-    from torch.utils.cpp_extension import load
-
+    load = _cpp_extension().load
     print(f"dvp_fast: building the native CPU kernels (one time, about a minute) in {build_dir}",
           file=sys.stderr, flush=True)
     try:
