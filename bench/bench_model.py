@@ -119,13 +119,8 @@ def _dispatch_of(fn, st: Settings) -> str:
     return common.describe_dispatch(seen)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def _free(st: Settings) -> None:
-    if st.cuda:
-        torch.cuda.empty_cache()
+    common.free_memory(st.device)
 
 
 def _reduced_note(preset: str, batch: int, st: Settings) -> str:
@@ -148,6 +143,7 @@ def peak_memory_full(fn, st: Settings) -> tuple[float, float | None] | None:
     """(peak extra MiB of fn over what was allocated before, absolute peak MiB on CUDA or None)."""
     if st.cuda:
         common.sync(st.device)
+        common.release_flush_buffer()  # the timing clock's 256 MiB L2-flush buffer is not the model's
         before = torch.cuda.memory_allocated(st.device)
         torch.cuda.reset_peak_memory_stats(st.device)
         fn(None)
@@ -186,43 +182,37 @@ def _alone_memory(preset, batch, x, st, fast, **overrides) -> tuple[tuple | None
 
 
 def bench_train(st: Settings) -> list[dict]:
-    """Memory first, each variant alone (so CUDA's absolute peak is its own); then interleaved timing."""
     rows = []
     for preset, batches in train_sizes(st).items():
         for batch in batches:
-            case = f"{preset}, batch {batch}"
-            kw, width_note = common.quick_overrides(preset, st)
-            note = "; ".join(filter(None, [_reduced_note(preset, batch, st), width_note]))
-            x = random_images(model_preset(preset), batch, st.device)
-            paths = (("eager fp32", False), ("fast", True))
-            try:
-                info = {name: _alone_memory(preset, batch, x, st, fast, **kw) for name, fast in paths}
-                variants = {name: (info[name][2] or _new_step(preset, batch, x, st, fast, **kw)[1], None)
-                            for name, fast in paths}
-                timings = common.time_variants(variants, st, warmup=None if st.cuda else 0)
-            except RuntimeError as exc:
-                if not _is_oom(exc):
-                    raise
-                rows.append(common.row(SECTION, "train", case, "both", "throughput", "images/s", value=math.nan,
-                                       note=f"out of memory: {str(exc).splitlines()[0][:120]}"))
-                variants = None
-                _free(st)
-                continue
-            case_rows = []
-            for name, timing in timings.items():
-                t = common.Timing([batch / s for s in timing.samples])
-                mem, dispatch, _ = info[name]
-                case_rows.append(common.row(
-                    SECTION, "train", case, name, "throughput", "images/s", value=t.median, spread=t.iqr,
-                    n=len(t.samples), note=note, preset=preset, batch=batch, dispatch=dispatch,
-                    step_ms=timing.median * 1e3, step_iqr_ms=timing.iqr * 1e3))
-                case_rows += _mem_rows("train", case, name, mem, st, note, preset=preset, batch=batch)
-            common.add_speedups(case_rows, "eager fp32")
-            rows += case_rows
-            _progress(case_rows)
-            del variants, info
+            rows += common.guarded(st, SECTION, "train", f"{preset}, batch {batch}",
+                                   lambda: _train_case(preset, batch, st))
             _free(st)
     return rows
+
+
+def _train_case(preset: str, batch: int, st: Settings) -> list[dict]:
+    """Memory first, each variant alone (so CUDA's absolute peak is its own); then interleaved timing."""
+    case = f"{preset}, batch {batch}"
+    kw, width_note = common.quick_overrides(preset, st)
+    note = "; ".join(filter(None, [_reduced_note(preset, batch, st), width_note]))
+    x = random_images(model_preset(preset), batch, st.device)
+    paths = (("eager fp32", False), ("fast", True))
+    info = {name: _alone_memory(preset, batch, x, st, fast, **kw) for name, fast in paths}
+    variants = {name: (info[name][2] or _new_step(preset, batch, x, st, fast, **kw)[1], None) for name, fast in paths}
+    timings = common.time_variants(variants, st, warmup=None if st.cuda else 0)
+    case_rows = []
+    for name, timing in timings.items():
+        t = common.Timing([batch / s for s in timing.samples])
+        mem, dispatch, _ = info[name]
+        case_rows.append(common.row(
+            SECTION, "train", case, name, "throughput", "images/s", value=t.median, spread=t.iqr,
+            n=len(t.samples), note=note, preset=preset, batch=batch, dispatch=dispatch,
+            step_ms=timing.median * 1e3, step_iqr_ms=timing.iqr * 1e3))
+        case_rows += _mem_rows("train", case, name, mem, st, note, preset=preset, batch=batch)
+    common.add_speedups(case_rows, "eager fp32")
+    _progress(case_rows)
+    return case_rows
 
 
 # --- Table 6 ---------------------------------------------------------------------------------------------
@@ -254,42 +244,36 @@ def bench_table6(st: Settings) -> list[dict]:
                       f"derived: median step time x {steps_per_epoch:g} steps (an epoch at the reduced batch)")
         setting_rows = []
         for name, kw in models.items():
-            k = _k_of(name)
-            try:
-                model, fn = _new_step(preset, batch, x, st, True, **kw)
-                fn(None)
-                mem = peak_memory_full(fn, st)
-                setting_rows += _mem_rows("table6", case, name, mem, st, note, preset=preset, k=k)
-                setting_rows.append(common.row(SECTION, "table6", case, name, "parameters", "count",
-                                               value=float(model.num_parameters()), n=1, preset=preset, k=k,
-                                               note="trainable"))
-                if name not in timed:
-                    setting_rows[-1]["note"] += "; memory and size only (for the memory-against-K plot)"
-                if name in timed:  # already warm: two steps above
-                    t = common.time_variants({name: (fn, None)}, st, warmup=0, min_repeats=2)[name]
-                    setting_rows.append(common.row(
-                        SECTION, "table6", case, name, "train time per epoch", "s", value=t.median * steps_per_epoch,
-                        spread=t.iqr * steps_per_epoch, n=len(t.samples), note=f"{note}; {epoch_note}",
-                        step_ms=t.median * 1e3, preset=preset, k=k))
-                    s = _sample_seconds(model, n, st)
-                    setting_rows.append(common.row(
-                        SECTION, "table6", case, name, f"sampling time per {n} images", "s", value=s.median,
-                        spread=s.iqr, n=len(s.samples), preset=preset, k=k,
-                        note="; ".join(filter(None, [
-                            "50 diffusion steps" if name == "DVP" else "",
-                            "" if n == 1000 else f"reduced: {n} images (the paper: 1000)",
-                            "compile=True (CUDA graph)" if st.cuda else "eager"]))))
-            except RuntimeError as exc:
-                if not _is_oom(exc):
-                    raise
-                setting_rows.append(common.row(SECTION, "table6", case, name, "train time per epoch", "s",
-                                               value=math.nan, k=k,
-                                               note=f"out of memory ({str(exc).splitlines()[0][:80]})"))
-            model = fn = None
+            setting_rows += common.guarded(st, SECTION, "table6", case, lambda: _table6_model(
+                preset, batch, x, st, name, kw, case, note, name in timed, steps_per_epoch, epoch_note, n), name)
             _free(st)
         common.add_speedups(setting_rows, "DVP", key=("section", "group", "case", "metric"))
         rows += setting_rows
         _progress(setting_rows)
+    return rows
+
+
+def _table6_model(preset, batch, x, st, name, kw, case, note, timed, steps_per_epoch, epoch_note, n) -> list[dict]:
+    k = _k_of(name)
+    model, fn = _new_step(preset, batch, x, st, True, **kw)
+    fn(None)
+    mem = peak_memory_full(fn, st)
+    rows = _mem_rows("table6", case, name, mem, st, note, preset=preset, k=k)
+    rows.append(common.row(SECTION, "table6", case, name, "parameters", "count", value=float(model.num_parameters()),
+                           n=1, preset=preset, k=k, note="trainable" + (
+                               "" if timed else "; memory and size only (for the memory-against-K plot)")))
+    if not timed:
+        return rows
+    t = common.time_variants({name: (fn, None)}, st, warmup=0, min_repeats=2)[name]  # warm: two steps above
+    rows.append(common.row(SECTION, "table6", case, name, "train time per epoch", "s", value=t.median * steps_per_epoch,
+                           spread=t.iqr * steps_per_epoch, n=len(t.samples), note=f"{note}; {epoch_note}",
+                           step_ms=t.median * 1e3, preset=preset, k=k))
+    s = _sample_seconds(model, n, st)
+    rows.append(common.row(SECTION, "table6", case, name, f"sampling time per {n} images", "s", value=s.median,
+                           spread=s.iqr, n=len(s.samples), preset=preset, k=k, note="; ".join(filter(None, [
+                               "50 diffusion steps" if name == "DVP" else "",
+                               "" if n == 1000 else f"reduced: {n} images (the paper: 1000)",
+                               "compile=True (CUDA graph)" if st.cuda else "eager"]))))
     return rows
 
 
@@ -302,34 +286,40 @@ def _k_of(name: str) -> int | None:
 def bench_iwae(st: Settings) -> list[dict]:
     rows = []
     for preset, batch, k in iwae_settings(st):
-        torch.manual_seed(0)
-        kw, width_note = common.quick_overrides(preset, st)
-        model = build_model(preset, st, True, **kw).eval()
-        x = random_images(model.config, batch, st.device)
-        max_rows = 4096 if st.cuda else 256
-        variants = {}
-        for name, fast in (("eager fp32", False), ("fast", True)):
-            def fn(_, fast=fast):
-                with path_context(fast):
-                    model.nll(x, num_samples=k, max_rows=max_rows)
-
-            variants[name] = (fn, None)
-        timings = common.time_variants(variants, st, warmup=1)
-        note = f"{batch} images x K={k} importance samples, chunks of {max_rows} rows"
-        if not st.cuda:
-            note += "; reduced (CPU): the paper uses K=1000"
-        if width_note:
-            note += "; " + width_note
-        case_rows = []
-        for name, timing in timings.items():
-            t = common.Timing([batch / s for s in timing.samples])
-            case_rows.append(common.row(SECTION, "iwae", f"{preset}, K={k}", name, "throughput", "images/s",
-                                        value=t.median, spread=t.iqr, n=len(t.samples), note=note, preset=preset,
-                                        rows_per_s=t.median * k))
-        common.add_speedups(case_rows, "eager fp32")
-        rows += case_rows
-        _progress(case_rows)
+        rows += common.guarded(st, SECTION, "iwae", f"{preset}, K={k}", lambda: _iwae_case(preset, batch, k, st))
+        _free(st)
     return rows
+
+
+def _iwae_case(preset: str, batch: int, k: int, st: Settings) -> list[dict]:
+    torch.manual_seed(0)
+    kw, width_note = common.quick_overrides(preset, st)
+    model = build_model(preset, st, True, **kw).eval()
+    x = random_images(model.config, batch, st.device)
+    max_rows = 4096 if st.cuda else 256
+    variants = {}
+    for name, fast in (("eager fp32", False), ("fast", True)):
+        def fn(_, fast=fast):
+            with path_context(fast):
+                model.nll(x, num_samples=k, max_rows=max_rows)
+
+        variants[name] = (fn, None)
+    # a call is seconds long at these sizes: a few repeats suffice
+    timings = common.time_variants(variants, st, warmup=1, repeats=5 if st.cuda else st.repeats, min_repeats=2)
+    note = f"{batch} images x K={k} importance samples, chunks of {max_rows} rows"
+    if not st.cuda:
+        note += "; reduced (CPU): the paper uses K=1000"
+    if width_note:
+        note += "; " + width_note
+    case_rows = []
+    for name, timing in timings.items():
+        t = common.Timing([batch / s for s in timing.samples])
+        case_rows.append(common.row(SECTION, "iwae", f"{preset}, K={k}", name, "throughput", "images/s",
+                                    value=t.median, spread=t.iqr, n=len(t.samples), note=note, preset=preset,
+                                    rows_per_s=t.median * k))
+    common.add_speedups(case_rows, "eager fp32")
+    _progress(case_rows)
+    return case_rows
 
 
 # --- pipeline --------------------------------------------------------------------------------------------
@@ -372,7 +362,7 @@ def bench_model(st: Settings, groups: tuple[str, ...] = GROUPS) -> list[dict]:
     rows = []
     for g in groups:
         t0 = time.perf_counter()
-        rows += GROUP_FUNCS[g](st)
+        rows += common.guarded(st, SECTION, g, "(whole group)", lambda: GROUP_FUNCS[g](st))
         print(f"  [model] {g} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return rows
 

@@ -269,7 +269,7 @@ def bench_ops(st: Settings, copy_gbps: float, groups: tuple[str, ...] = GROUPS) 
         for case in make_cases(preset, batch, st.device, backends, compile_groups):
             if case.group not in groups or (preset == "omniglot" and case.group.startswith("gaussian")):
                 continue  # omniglot's latents have mnist's shapes at the same batch: the mnist rows stand
-            case_rows = bench_case(case, st, copy_gbps)
+            case_rows = common.guarded(st, SECTION, case.group, case.name, lambda: bench_case(case, st, copy_gbps))
             if st.quick:
                 for r in case_rows:
                     r["note"] = (r["note"] + "; " if r["note"] else "") + f"reduced: batch {batch} (--quick)"

@@ -70,35 +70,41 @@ def _note(n: int, width_note: str) -> str:
 def bench_sample1000(st: Settings) -> list[dict]:
     rows = []
     for preset, n, compiled in sample_settings(st):
-        model, width_note = _model(preset, st)
-        case = f"{preset}, {n} samples, 50 steps"
-        variants = {"eager": (lambda _: model.sample(n, steps=50), None)}
-        first_rows = []
-        if compiled:
-            fn = lambda _: model.sample(n, steps=50, compile=True)
-            first = common.time_call(fn, st.device)
-            kind = "CUDA graph capture" if st.cuda else "torch.compile"
-            first_rows.append(common.row(SECTION, "sample1000", case, "compile=True", "first call", "s",
-                                         value=first, n=1, note=f"{kind} + one run at n={n}; not in the rows below"))
-            variants["compile=True"] = (fn, None)
-            if st.cuda:
-                compiled_pieces = _compiled_pieces(model, n)
-                if compiled_pieces is not None:
-                    first = common.time_call(compiled_pieces, st.device)
-                    first_rows.append(common.row(SECTION, "sample1000", case, "torch.compile, no graph", "first call",
-                                                 "s", value=first, n=1, note="compilation + one run"))
-                    variants["torch.compile, no graph"] = (compiled_pieces, None)
-        timings = common.time_variants(variants, st, warmup=1, repeats=5 if not st.cuda else 20, min_repeats=2)
-        case_rows = []
-        for name, t in timings.items():
-            how = "CUDA graph" if st.cuda and name == "compile=True" else ""
-            case_rows.append(common.timing_row(SECTION, "sample1000", case, name, t, unit="s",
-                                               note="; ".join(filter(None, [_note(n, width_note), how])), preset=preset,
-                                               n_images=n))
-        common.add_speedups(case_rows, "eager")
-        rows += first_rows + case_rows
-        _progress(first_rows + case_rows)
+        rows += common.guarded(st, SECTION, "sample1000", f"{preset}, {n} samples, 50 steps",
+                               lambda: _sample_case(preset, n, compiled, st))
+        common.free_memory(st.device)
     return rows
+
+
+def _sample_case(preset: str, n: int, compiled: bool, st: Settings) -> list[dict]:
+    model, width_note = _model(preset, st)
+    case = f"{preset}, {n} samples, 50 steps"
+    variants = {"eager": (lambda _: model.sample(n, steps=50), None)}
+    first_rows = []
+    if compiled:
+        fn = lambda _: model.sample(n, steps=50, compile=True)
+        first = common.time_call(fn, st.device)
+        kind = "CUDA graph capture" if st.cuda else "torch.compile"
+        first_rows.append(common.row(SECTION, "sample1000", case, "compile=True", "first call", "s",
+                                     value=first, n=1, note=f"{kind} + one run at n={n}; not in the rows below"))
+        variants["compile=True"] = (fn, None)
+        if st.cuda:
+            compiled_pieces = _compiled_pieces(model, n)
+            if compiled_pieces is not None:
+                first = common.time_call(compiled_pieces, st.device)
+                first_rows.append(common.row(SECTION, "sample1000", case, "torch.compile, no graph", "first call",
+                                             "s", value=first, n=1, note="compilation + one run"))
+                variants["torch.compile, no graph"] = (compiled_pieces, None)
+    timings = common.time_variants(variants, st, warmup=1, repeats=5 if not st.cuda else 20, min_repeats=2)
+    case_rows = []
+    for name, t in timings.items():
+        how = "CUDA graph" if st.cuda and name == "compile=True" else ""
+        case_rows.append(common.timing_row(SECTION, "sample1000", case, name, t, unit="s",
+                                           note="; ".join(filter(None, [_note(n, width_note), how])), preset=preset,
+                                           n_images=n))
+    common.add_speedups(case_rows, "eager")
+    _progress(first_rows + case_rows)
+    return first_rows + case_rows
 
 
 def _compiled_pieces(model: DVPVAE, n: int):
@@ -115,22 +121,28 @@ def _compiled_pieces(model: DVPVAE, n: int):
 def bench_steps(st: Settings) -> list[dict]:
     rows = []
     for preset, n in steps_settings(st):
-        model, width_note = _model(preset, st)
-        case_rows = []
-        for sampler in ("ancestral", "ddim"):
-            variants = {f"{steps} steps": (lambda _, s=steps: model.sample(n, steps=s, compile=st.cuda, sampler=sampler),
-                                           None) for steps in STEPS}
-            timings = common.time_variants(variants, st, warmup=1, repeats=3 if not st.cuda else 20, min_repeats=2)
-            for name, t in timings.items():
-                steps = int(name.split()[0])
-                case_rows.append(common.timing_row(
-                    SECTION, "steps", f"{preset}, {n} samples, {sampler}", name, t, unit="s",
-                    note="; ".join(filter(None, [_note(n, width_note), "compile=True (CUDA graph)" if st.cuda else "eager"])),
-                    preset=preset, sampler=sampler, steps=steps, n_images=n))
-        common.add_speedups(case_rows, "50 steps")
-        rows += case_rows
-        _progress(case_rows)
+        rows += common.guarded(st, SECTION, "steps", f"{preset}, {n} samples", lambda: _steps_case(preset, n, st))
+        common.free_memory(st.device)
     return rows
+
+
+def _steps_case(preset: str, n: int, st: Settings) -> list[dict]:
+    model, width_note = _model(preset, st)
+    case_rows = []
+    for sampler in ("ancestral", "ddim"):
+        variants = {f"{steps} steps": (lambda _, s=steps, sp=sampler: model.sample(n, steps=s, compile=st.cuda,
+                                                                                  sampler=sp), None)
+                    for steps in STEPS}
+        timings = common.time_variants(variants, st, warmup=1, repeats=3 if not st.cuda else 20, min_repeats=2)
+        for name, t in timings.items():
+            steps = int(name.split()[0])
+            case_rows.append(common.timing_row(
+                SECTION, "steps", f"{preset}, {n} samples, {sampler}", name, t, unit="s",
+                note="; ".join(filter(None, [_note(n, width_note), "compile=True (CUDA graph)" if st.cuda else "eager"])),
+                preset=preset, sampler=sampler, steps=steps, n_images=n))
+    common.add_speedups(case_rows, "50 steps")
+    _progress(case_rows)
+    return case_rows
 
 
 GROUP_FUNCS = {"sample1000": bench_sample1000, "steps": bench_steps}

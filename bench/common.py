@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import gc
 import math
 import os
 import platform
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -94,6 +96,10 @@ class _L2Flush:
         if buf is None:
             buf = cls._buf[device] = torch.empty(256 * 2 ** 20 // 4, dtype=torch.int32, device=device)
         buf.zero_()
+
+
+def release_flush_buffer() -> None:
+    _L2Flush._buf.clear()
 
 
 def time_call(fn: Callable, device: torch.device, setup: Callable | None = None) -> float:
@@ -374,8 +380,32 @@ def add_speedups(rows: list[dict], baseline: str, key=("section", "group", "case
             r["ratio"], r["ratio_kind"] = r["value"] / base["value"], f"x {baseline}"
 
 
-def finite_or_none(v):
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+def is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()  # trainers hold reference cycles (EMA copies, closures): free them before measuring the next
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def guarded(st: Settings, section: str, group: str, case: str, make_rows: Callable[[], list[dict]],
+            variant: str = "") -> list[dict]:
+    """make_rows(), or one "failed" row (value NaN, the reason in its note and in the run's notes).
+
+    A long run on a device nobody has tried yet should not die at minute 15 for one case: the
+    failure is recorded where the numbers would have been, and the traceback goes to stderr.
+    """
+    try:
+        return make_rows()
+    except Exception as exc:  # noqa: BLE001  recorded, not hidden
+        reason = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        traceback.print_exc()
+        st.notes.append(f"{section}.{group} [{case}{' ' + variant if variant else ''}] failed: {reason}")
+        free_memory(st.device)
+        return [row(section, group, case, variant, "failed", "", value=math.nan, note=f"failed: {reason}")]
 
 
 # --- the run record --------------------------------------------------------------------------------------

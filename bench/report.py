@@ -96,6 +96,7 @@ def text_table(result: dict, width: int = 60) -> str:
         for row in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     lines.append("")
+    lines += ["note: " + n for n in result["notes"]]
     lines += ["headline: " + h for h in headlines(result)]
     return "\n".join(lines)
 

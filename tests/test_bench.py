@@ -82,6 +82,8 @@ def test_quick_run_covers_every_section_and_group(quick_run):
 def test_quick_run_numbers_are_finite_and_labelled(quick_run):
     result, md, _, _ = quick_run
     rows = [r for sec in result["sections"].values() for r in sec["rows"]]
+    failed = [n for n in result["notes"] if "failed" in n]
+    assert not failed, failed
     for r in rows:
         where = f"{r['section']}.{r['group']} {r['case']} {r['variant']} {r['metric']}"
         assert _finite(r["value"]) and r["value"] >= 0, where
