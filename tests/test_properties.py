@@ -53,7 +53,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     assert err <= tol, f"{what}: max error {err:.3g} relative to max |expected|, tolerance {tol:.3g}"
 
 
-# --- dct_crop and idct_pad -------------------------------------------------------------------------------------
+# --- dct_crop and idct_pad ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
 @given(seed=seeds, batch=st.integers(1, 3), channels=st.sampled_from([1, 3]), size=st.integers(8, 32),
@@ -107,7 +107,7 @@ def test_idct_pad_matches_the_fallback_for_huge_pseudo_inputs(backend, seed, bat
     assert torch.isfinite(grad).all(), f"idct_pad[{backend}]: non-finite gradient"
 
 
-# --- gaussian_sample_kl ------------------------------------------------------------------------------------------------
+# --- gaussian_sample_kl ---------------------------------------------------------------------------------------------
 LOGVARS = {torch.float32: [-30.0, 30.0, -10.0, 1.0, 0.0], torch.bfloat16: [-30.0, 30.0, -10.0, 1.0, 0.0],
            # fp16 tops out at 65504: z = mu + e^(lv/2) eps overflows for lv = 30, so +-30 becomes -30 / +10.
            torch.float16: [-30.0, 10.0, -10.0, 1.0, 0.0]}
