@@ -332,10 +332,12 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: one epoch)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metric reads (each is one sync)")
     p.add_argument("--seed", type=int, default=None, help="random seed (preset default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every", "log_every"):
+    for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -496,6 +498,8 @@ def run(args) -> dict:
 
 
 def _run(args, stack: contextlib.ExitStack) -> dict:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rank, world, local_rank = _distributed()
     is_main = rank == 0
     device = _device(args.device, local_rank)

@@ -2,12 +2,12 @@
 
 See `dvp_fast.ops._backend` for what the backends are and how "auto" chooses.
 """
-from ._backend import BACKENDS, backend_available
+from ._backend import BACKENDS, backend_available, use_backend
 from .dct import dct_basis, dct_crop, idct_pad
 from .dml import dml_log_prob, dml_sample
 from .gaussian_kl import gaussian_log_prob, gaussian_sample_kl, gaussian_sample_kl_grouped
 
 __all__ = [
-    "BACKENDS", "backend_available", "dct_basis", "dct_crop", "idct_pad", "dml_log_prob", "dml_sample",
+    "BACKENDS", "backend_available", "use_backend", "dct_basis", "dct_crop", "idct_pad", "dml_log_prob", "dml_sample",
     "gaussian_log_prob", "gaussian_sample_kl", "gaussian_sample_kl_grouped",
 ]

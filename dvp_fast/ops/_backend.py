@@ -9,8 +9,10 @@ An explicitly requested backend that cannot run raises a RuntimeError that says 
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 import torch
 
@@ -18,6 +20,25 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 
 # op name -> backend name -> implementation. Backends register themselves on import.
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+# What "auto" means inside a `use_backend` block (per thread); None = the normal choice.
+_AUTO_OVERRIDE = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Make backend="auto" resolve to `backend` inside the block, e.g. the whole model on the
+    pure-PyTorch reference path: ``with dvp_fast.ops.use_backend("torch"): model(x)``.
+
+    Explicit backend= arguments are untouched. Not for use under torch.compile tracing.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"use_backend: backend must be one of {BACKENDS}, got {backend!r}")
+    previous = getattr(_AUTO_OVERRIDE, "value", None)
+    _AUTO_OVERRIDE.value = None if backend == "auto" else backend
+    try:
+        yield
+    finally:
+        _AUTO_OVERRIDE.value = previous
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -55,6 +76,8 @@ def choose_backend(op: str, backend: str, device: torch.device) -> str:
     """Resolve `backend` for `op` on tensors living on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and getattr(_AUTO_OVERRIDE, "value", None) is not None:
+        backend = _AUTO_OVERRIDE.value
     if backend == "auto":
         if device.type == "cuda" and _usable(op, "triton"):
             return "triton"
