@@ -1,6 +1,6 @@
 """Native CPU kernels ("cpp") against the PyTorch fallback ("torch"), side by side in one run.
 
-    python bench/bench_cpp.py [--quick] [--threads N]
+    python bench/bench_cpp.py [--quick] [--threads N] [--clock wall|cpu] [--train]
 
 Every op at the shapes of issue 5 (CPU tensors, float32):
   * dml:          dml_log_prob, batch 8, 3 x 32 x 32, 10 mixtures;
@@ -27,7 +27,6 @@ from typing import Callable
 import torch
 
 from dvp_fast import ops
-from dvp_fast.ops import _backend
 from dvp_fast.ops.dct import dct_scale_bound
 
 BACKENDS = ("torch", "cpp")
@@ -134,20 +133,9 @@ def bench_cpp_ops(quick: bool, clock: str = "wall") -> list[dict]:
     return rows
 
 
-class _fallback_for_auto:
-    """Within the block, backend="auto" on CPU tensors resolves to torch instead of cpp."""
-
-    def __enter__(self):
-        self.usable = _backend._usable
-        _backend._usable = lambda op, backend: backend != "cpp" and self.usable(op, backend)
-
-    def __exit__(self, *exc):
-        _backend._usable = self.usable
-
-
 def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", batch: int = 32) -> list[dict]:
-    """Rows (as bench_cpp_ops) for one training step of a preset model on CPU: forward, loss,
-    backward, with the model's ops on backend "auto" resolving to cpp or, forced, to torch."""
+    """Rows (as bench_cpp_ops) for one training step of a preset model on CPU: forward, loss and
+    backward, with the model's ops (backend "auto") on cpp or on torch via ops.use_backend."""
     from dvp_fast import DVPVAE  # noqa: PLC0415  (only this benchmark needs the model)
 
     torch.manual_seed(0)
@@ -161,10 +149,7 @@ def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", ba
     def step(backend: str) -> float:
         model.zero_grad(set_to_none=True)
         t0 = CLOCKS[clock]()
-        if backend == "torch":
-            with _fallback_for_auto():
-                model(x).loss.backward()
-        else:
+        with ops.use_backend(backend):  # what backend="auto" inside the model resolves to
             model(x).loss.backward()
         return (CLOCKS[clock]() - t0) * 1e3
 
