@@ -24,3 +24,24 @@ def _seed():
 
 def pytest_report_header(config):
     return f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+
+
+@pytest.fixture(params=["torch", "triton", "cpp"])
+def backend(request):
+    """Each op backend in turn, skipped where it is not available."""
+    from dvp_fast import ops
+
+    if not ops.backend_available(request.param):
+        pytest.skip(f"backend {request.param!r} is not available here")
+    return request.param
+
+
+@pytest.fixture
+def nan_filled_allocations():
+    """Uninitialised float memory is NaN, so an output element no kernel wrote shows up as NaN."""
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)

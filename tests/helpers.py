@@ -1,4 +1,5 @@
 """Shared test helpers."""
+import numpy as np
 import torch
 
 # A small MNIST-shaped configuration for tests that need many steps or compilation.
@@ -22,3 +23,27 @@ class NoRandomness:
 # The smallest sensible configuration, for tests that run whole training processes.
 TINY = dict(num_ch=4, latent_scales=(1, 1), enc_blocks_per_scale=1, diffusion_channels=8, diffusion_groups=8,
             diffusion_res_blocks=1)
+
+
+# --- shared by the op tests (tests/test_<op>.py, test_cpp_backend.py, test_properties.py) ------------
+ALL_BACKENDS = ["torch", "triton", "cpp"]
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's tensors live: cpp on the CPU; triton on CUDA, or the CPU under the interpreter."""
+    if backend == "cpp":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def skip_unless_implemented(backend: str, op: str) -> None:
+    from dvp_fast.ops import _backend
+
+    if backend not in _backend._REGISTRY.get(op, {}):
+        import pytest
+
+        pytest.skip(f"backend {backend!r} has no implementation of {op}")
+
+
+def as_float64(t) -> np.ndarray:
+    return t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)

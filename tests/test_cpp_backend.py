@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from dvp_fast import ops
 from dvp_fast.ops import _backend
 from dvp_fast.ops.dct import dct_scale_bound
+from helpers import as_float64 as f64
 
 # Max error relative to the largest |expected|, per input dtype: fp32 arithmetic, and for
 # bf16 the rounding of outputs and gradients to bf16 (8 bits of mantissa).
@@ -47,19 +48,10 @@ def cpp():
     return "cpp"
 
 
-@pytest.fixture
-def nan_filled_allocations():
-    """Uninitialised memory is NaN, so an output element no kernel wrote shows up as non-finite."""
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(4).isnan().all()
-    yield
-    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
-def f64(t) -> np.ndarray:
-    return t.detach().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+
+
 
 
 def assert_close(actual, expected, tol: float, what: str) -> None:

@@ -12,8 +12,10 @@ import torch
 
 from dvp_fast import ops
 from dvp_fast.ops.dct import dct_scale_bound
+from helpers import as_float64, device_for
 
-BACKENDS = ["torch", "triton", "cpp"]
+pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
+
 # Largest error relative to the largest magnitude of the expected tensor, per input dtype.
 # fp32 bounds fp32 arithmetic; bf16/fp16 bound rounding of the output to that dtype.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -23,32 +25,15 @@ DTYPES = list(TOL)
 SHAPES = [(1, 1, 28, 7), (2, 3, 32, 5), (3, 2, 28, 5), (1, 3, 32, 7), (2, 1, 20, 13)]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if not ops.backend_available(request.param):
-        pytest.skip(f"backend {request.param!r} is not available here")
-    return request.param
 
 
-def device_for(backend: str) -> str:
-    if backend == "cpp":
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def nan_filled_allocations():
-    """Uninitialised float memory is NaN here, so an output element no kernel wrote shows up as NaN."""
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(4).isnan().all()
-    yield
-    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
-def as_float64(t) -> np.ndarray:
-    return t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+
+
+
 
 
 def assert_close(actual: torch.Tensor, expected, tol: float, what: str) -> None:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from dvp_fast import ops
-from dvp_fast.ops import _backend
+from helpers import as_float64, device_for, skip_unless_implemented
 
-BACKENDS = ["torch", "triton", "cpp"]
+pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
+
 # log p (always fp32 arithmetic): error relative to |log p| of the image.
 LOGP_TOL = 1e-5
 # d log p / d params (carries the params' dtype): error relative to the largest gradient. For fp32 this
@@ -36,37 +37,18 @@ CASES = ([(shape, dtype) for shape in [(1, 1, 1), (2, 5, 7)] for dtype in DTYPES
 HALF_BIN = 1.0 / 255.0
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if not ops.backend_available(request.param):
-        pytest.skip(f"backend {request.param!r} is not available here")
-    return request.param
 
 
-def skip_unless_implemented(backend: str, op: str) -> None:
-    if backend not in _backend._REGISTRY.get(op, {}):
-        pytest.skip(f"backend {backend!r} has no implementation of {op}")
 
 
-def device_for(backend: str) -> str:
-    if backend == "cpp":
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def nan_filled_allocations():
-    """Uninitialised float memory is NaN here, so an output element no kernel wrote shows up as NaN."""
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(4).isnan().all()
-    yield
-    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
-def as_float64(t) -> np.ndarray:
-    return t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+
+
+
+
 
 
 # --- the float64 oracle ------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ import scipy.stats
 import torch
 
 from dvp_fast import ops
-from dvp_fast.ops import _backend
+from helpers import as_float64, device_for, skip_unless_implemented
 
-BACKENDS = ["torch", "triton", "cpp"]
+pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
+
 # Largest error relative to the largest magnitude of the expected tensor, per input dtype.
 # kl is always fp32 arithmetic on the (rounded) inputs; z and the input gradients carry the input dtype.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -27,37 +28,18 @@ SHAPES = [(1, 1, 7, 7), (3, 2, 5, 5), (2, 3, 14, 14), (4, 37), (5,)]
 LV_MODEL_RANGE = (-10.0, 1.0)  # the model's hard clamp of both log-variances
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if not ops.backend_available(request.param):
-        pytest.skip(f"backend {request.param!r} is not available here")
-    return request.param
 
 
-def skip_unless_implemented(backend: str, op: str) -> None:
-    if backend not in _backend._REGISTRY.get(op, {}):
-        pytest.skip(f"backend {backend!r} has no implementation of {op}")
 
 
-def device_for(backend: str) -> str:
-    if backend == "cpp":
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def nan_filled_allocations():
-    """Uninitialised float memory is NaN here, so an output element no kernel wrote shows up as NaN."""
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(4).isnan().all()
-    yield
-    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
-def as_float64(t) -> np.ndarray:
-    return t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+
+
+
+
 
 
 def assert_close(actual, expected, tol: float, what: str) -> None:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from dvp_fast import ops
 from dvp_fast.ops.dct import dct_scale_bound
+from helpers import device_for
 
 BACKENDS = [b for b in ("torch", "triton", "cpp") if ops.backend_available(b)]
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
@@ -26,10 +27,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
 
 
-def device_for(backend: str) -> str:
-    if backend == "cpp":
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 
 def filled(seed: int, shape, base_scale: float, specials, fraction: float) -> torch.Tensor:
