@@ -536,11 +536,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     if is_main:
         _check_free_space(out, model)
     if resume is None and model.pseudo is not None and mcfg.pseudoinput_type == "dct":
-        fit = getattr(datasets, "fit_scale_cached", None)
-        if fit is not None:
-            fit(model, train_images, args.data, "train")
-        else:
-            model.fit_pseudoinput_scale(train_images)
+        datasets.fit_scale_cached(model, train_images, args.data, "train")
     batches = datasets.DeviceBatches(train_images, tcfg.batch_size, device, seed=tcfg.seed)
     steps_per_epoch = len(batches)
     total_steps = args.max_steps or max(1, int(round((args.epochs or tcfg.epochs) * steps_per_epoch)))
