@@ -78,6 +78,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return opt
 
 
+def _foreach_lerp_takes_a_tensor() -> bool:
+    """Whether this torch has the _foreach_lerp_ overload with a device-tensor weight (no sync)."""
+    try:
+        torch._foreach_lerp_([torch.zeros(1)], [torch.ones(1)], torch.tensor(0.5))
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+_FOREACH_LERP_TAKES_A_TENSOR = _foreach_lerp_takes_a_tensor()
+
+
 class EMA:
     """Exponential moving average of the trainable weights, updated with one foreach lerp."""
 
@@ -92,9 +104,13 @@ class EMA:
     @torch.no_grad()
     def update(self, weight: torch.Tensor) -> None:
         """ema += (1 - decay) * weight * (param - ema); weight is 0 for a skipped step, else 1."""
-        delta = torch._foreach_sub(self.source, self.target)
-        torch._foreach_mul_(delta, weight * (1.0 - self.decay))
-        torch._foreach_add_(self.target, delta)
+        rate = weight * (1.0 - self.decay)
+        if _FOREACH_LERP_TAKES_A_TENSOR:
+            torch._foreach_lerp_(self.target, self.source, rate)  # one multi-tensor kernel
+        else:  # older torch: the same update in three foreach kernels
+            delta = torch._foreach_sub(self.source, self.target)
+            torch._foreach_mul_(delta, rate)
+            torch._foreach_add_(self.target, delta)
 
     def sync_buffers(self, model: torch.nn.Module) -> None:
         for b_ema, b in zip(self.model.buffers(), model.buffers()):

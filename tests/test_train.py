@@ -113,3 +113,22 @@ def test_bf16_and_compiled_steps_match_the_eager_fp32_step():
         losses[mode] = m["loss"]
     assert losses["compiled"] == pytest.approx(losses["fp32"], rel=1e-4)
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-2)
+
+
+@pytest.mark.parametrize("one_kernel", [True, False])
+def test_ema_update_is_the_exponential_average(monkeypatch, one_kernel):
+    import dvp_fast.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_FOREACH_LERP_TAKES_A_TENSOR", one_kernel and train_mod._FOREACH_LERP_TAKES_A_TENSOR)
+    model = torch.nn.Linear(3, 2)
+    ema = train_mod.EMA(model, decay=0.9)
+    start = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(torch.tensor(1.0))
+    for e, s, p in zip(ema.model.parameters(), start, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * s + 0.1 * p)
+    before = [p.detach().clone() for p in ema.model.parameters()]
+    ema.update(torch.tensor(0.0))  # a skipped step leaves the average alone
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.model.parameters()))
