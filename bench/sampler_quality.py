@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, nargs="+", default=[2, 5, 10, 25, 50, 100])
     p.add_argument("--grid", type=int, default=50, help="grid points of the prior NLL bound")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="the training weights instead of their EMA (for short runs, where the EMA still lags)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
 
@@ -52,7 +54,7 @@ def main() -> None:
     payload = load_checkpoint(path)
     name = args.data or payload["run"]["data"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = DVPVAE.from_checkpoint(path).to(device).eval()
+    model = DVPVAE.from_checkpoint(path, ema=not args.raw_weights).to(device).eval()
     test = datasets.load_images(name, "test", root=args.data_dir)[: 4 * args.n].to(device).float() / 127.5 - 1
     val = datasets.load_images(name, "val", root=args.data_dir)[: args.n].to(device).float() / 127.5 - 1
     held_out = model.pseudo.mean(test)
@@ -73,7 +75,7 @@ def main() -> None:
                              prior_nll=prior_nll(model, u, args.grid), nn_distance=nn_distance(u, held_out)))
             print(rows[-1], flush=True)
 
-    meta = dict(checkpoint=path, step=payload.get("step"), data=name, n=u_data.shape[0], grid=args.grid,
+    meta = dict(checkpoint=path, step=payload.get("step"), weights="raw" if args.raw_weights else "EMA", data=name, n=u_data.shape[0], grid=args.grid,
                 device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)",
                 torch=torch.__version__, date=datetime.date.today().isoformat())
     os.makedirs(args.out, exist_ok=True)
@@ -81,7 +83,8 @@ def main() -> None:
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     lines = [f"# Pseudo-input sampler quality against steps", "",
-             f"Checkpoint `{path}` (step {meta['step']}, data {name}), {meta['n']} samples, prior NLL on a "
+             f"Checkpoint `{path}` (step {meta['step']}, {meta['weights']} weights, data {name}), {meta['n']} samples, "
+             f"prior NLL on a "
              f"{args.grid}-point grid; {meta['device']}, torch {meta['torch']}, {meta['date']}.", "",
              "Lower is better for both proxies; the first row is real pseudo-inputs u ~ r(u|x).", "",
              "| sampler | steps | prior NLL (nats) | NN distance to held-out u | time (s) |", "|---|---|---|---|---|"]
