@@ -79,9 +79,7 @@ def idct_pad(u: torch.Tensor, scale: torch.Tensor, size: int, *, backend: str = 
 
 @register("dct_crop", "torch")
 def dct_crop_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    d, size = scale.shape[-1], x.shape[-1]
-    basis = dct_basis(d, size, device=x.device)
-    coeffs = basis @ ((x.float() + 1.0) * 0.5) @ basis.T
+    coeffs = dct_coefficients(x, scale.shape[-1])
     return (coeffs / scale.float()).clamp(-1.0, 1.0).to(x.dtype)
 
 
@@ -93,7 +91,7 @@ def idct_pad_torch(u: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Ten
 
 
 def dct_coefficients(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Unnormalised cropped DCT of (B, C, D, D) images in [-1, 1] (used to fit the scale S)."""
+    """Unnormalised cropped DCT A_d ((x + 1) / 2) A_d^T of (B, C, D, D) images in [-1, 1]."""
     basis = dct_basis(d, x.shape[-1], device=x.device)
     return basis @ ((x.float() + 1.0) * 0.5) @ basis.T
 

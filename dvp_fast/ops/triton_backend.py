@@ -25,7 +25,7 @@ from dvp_fast.kernels import dml as dml_kernels
 from dvp_fast.kernels import gaussian_kl as kl_kernels
 
 from ._backend import register, triton_interpreting
-from .dct import dct_basis
+from .dct import dct_basis, dct_coefficients
 
 _INTERPRET = triton_interpreting()
 
@@ -108,7 +108,7 @@ def _dct_crop_scale_grad(x, scale, basis, dy):
 
     S is a fixed normaliser in the model (a buffer), so this rare path uses plain matmuls.
     """
-    raw = basis @ ((x.float() + 1.0) * 0.5) @ basis.T
+    raw = dct_coefficients(x, scale.shape[-1])
     ratio = raw / scale
     passes = (ratio >= -1.0) & (ratio <= 1.0)
     return torch.where(passes, -dy.float() * ratio / scale, 0.0).sum(0)
