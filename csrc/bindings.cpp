@@ -21,6 +21,9 @@ TORCH_LIBRARY(dvp_fast_cpp, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("scale_rows(Tensor grad_out, Tensor g, ScalarType dtype) -> Tensor");
   m.def("dml_sample(Tensor params, Tensor u_mix, Tensor u_logistic, float temperature, int num_mix) -> Tensor");
+  m.def("conv1x1(Tensor x, Tensor weight, bool silu) -> Tensor");
+  m.def("conv1x1_backward(Tensor grad_y, Tensor x, Tensor weight, bool silu, bool need_x, bool need_weight) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dvp_fast_cpp, CPU, m) {
@@ -33,4 +36,6 @@ TORCH_LIBRARY_IMPL(dvp_fast_cpp, CPU, m) {
   m.impl("dml_log_prob", &dvp::dml_log_prob);
   m.impl("scale_rows", &dvp::scale_rows);
   m.impl("dml_sample", &dvp::dml_sample);
+  m.impl("conv1x1", &dvp::conv1x1);
+  m.impl("conv1x1_backward", &dvp::conv1x1_backward);
 }

@@ -175,5 +175,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dml_log_prob(const at::Tensor& x,
 at::Tensor scale_rows(const at::Tensor& grad_out, const at::Tensor& g, at::ScalarType dtype);
 at::Tensor dml_sample(const at::Tensor& params, const at::Tensor& u_mix, const at::Tensor& u_logistic,
                       double temperature, int64_t num_mix);
+// conv1x1.cpp
+at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight, bool silu);
+std::tuple<at::Tensor, at::Tensor> conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                    const at::Tensor& weight, bool silu, bool need_x,
+                                                    bool need_weight);
 
 }  // namespace dvp

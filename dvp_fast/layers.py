@@ -6,9 +6,28 @@ import math
 import torch
 from torch import nn
 
+from . import ops
 
-def conv1x1(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1)
+
+class Conv1x1(nn.Conv2d):
+    """A 1x1 convolution, optionally of SiLU(x), through `dvp_fast.ops.conv1x1` (fused on CPU).
+
+    With `silu_input` the SiLU before the conv is computed inside it and never stored.
+    """
+
+    def __init__(self, cin: int, cout: int, silu_input: bool = False):
+        super().__init__(cin, cout, 1)
+        self.silu_input = silu_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv1x1(x, self.weight, self.bias, silu=self.silu_input)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", silu_input=True" if self.silu_input else "")
+
+
+def conv1x1(cin: int, cout: int, silu_input: bool = False) -> Conv1x1:
+    return Conv1x1(cin, cout, silu_input)
 
 
 def conv3x3(cin: int, cout: int) -> nn.Conv2d:
@@ -16,15 +35,19 @@ def conv3x3(cin: int, cout: int) -> nn.Conv2d:
 
 
 class EncoderResBlock(nn.Module):
-    """Pre-activation bottleneck: x + [SiLU, 1x1, SiLU, 3x3, SiLU, 3x3, SiLU, 1x1](x)."""
+    """Pre-activation bottleneck: x + [SiLU, 1x1, SiLU, 3x3, SiLU, 3x3, SiLU, 1x1](x).
+
+    The SiLUs before the 1x1 convs run inside them (silu_input); the Identity slots keep the
+    parameter names (net.1, net.3, ...) of checkpoints written before that.
+    """
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.SiLU(), conv1x1(channels, hidden),
+            nn.Identity(), conv1x1(channels, hidden, silu_input=True),
             nn.SiLU(), conv3x3(hidden, hidden),
             nn.SiLU(), conv3x3(hidden, hidden),
-            nn.SiLU(), conv1x1(hidden, channels),
+            nn.Identity(), conv1x1(hidden, channels, silu_input=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +58,8 @@ class DecoderResBlock(nn.Module):
     """Post-activation bottleneck: skip(x) + [1x1, SiLU, 3x3, SiLU, 3x3, SiLU, 1x1](x).
 
     skip is the identity when cin == cout, else a 1x1 conv. `last_scale` multiplies
-    the last conv's initial weight (0 zero-initialises it, weight and bias).
+    the last conv's initial weight (0 zero-initialises it, weight and bias). The last SiLU
+    runs inside the last conv (silu_input; the Identity slot keeps the parameter names).
     """
 
     def __init__(self, cin: int, hidden: int, cout: int, last_scale: float = 1.0):
@@ -43,8 +67,8 @@ class DecoderResBlock(nn.Module):
         self.net = nn.Sequential(
             conv1x1(cin, hidden), nn.SiLU(),
             conv3x3(hidden, hidden), nn.SiLU(),
-            conv3x3(hidden, hidden), nn.SiLU(),
-            conv1x1(hidden, cout),
+            conv3x3(hidden, hidden), nn.Identity(),
+            conv1x1(hidden, cout, silu_input=True),
         )
         self.skip = nn.Identity() if cin == cout else conv1x1(cin, cout)
         last = self.net[-1]

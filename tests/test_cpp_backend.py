@@ -1,8 +1,9 @@
 """The native CPU kernels (backend="cpp"): numerics, determinism, and the build machinery.
 
 Numerics: every op against the PyTorch fallback and against float64 oracles written here from
-the equations (scipy's DCT, the closed-form Gaussian KL, a direct PixelCNN++ likelihood), forward
-and backward with random upstream gradients, on odd shapes and edge values, float32 and bfloat16.
+the equations (scipy's DCT, the closed-form Gaussian KL, a direct PixelCNN++ likelihood; conv1x1's
+oracle is in test_conv1x1.py, which runs every backend), forward and backward with random
+upstream gradients, on odd shapes and edge values, float32 and bfloat16.
 Oracle gradients come from float64 autograd (or scipy for the linear DCT), independent of the
 hand-written backward kernels. Determinism: results are bitwise equal with 1 and 2 threads.
 Build: no compiler, no ninja or no writable cache gives one warning and the fallback; a compile
@@ -407,7 +408,12 @@ def _all_ops_once():
     scale = dct_scale_bound(3, 7, 32) * 0.3
     (y,), (gimg,), _ = run(lambda a: ops.dct_crop(a, scale, backend="cpp"), leaves(img))
     (im,), (gu,), _ = run(lambda a: ops.idct_pad(a, scale, 32, backend="cpp"), leaves(y.detach()))
-    return [lp, gp, *zs, kl, *kl_grads, y, gimg, im, gu]
+    conv = []
+    for batch in (1, 50):  # one chunk (no parallel region: the GEMMs may thread) and many
+        feats, weight, bias = torch.randn(batch, 32, 28, 28), torch.randn(16, 32, 1, 1), torch.randn(16)
+        outs, grads, _ = run(lambda *a: ops.conv1x1(*a, silu=True, backend="cpp"), leaves(feats, weight, bias))
+        conv += [*outs, *grads]
+    return [lp, gp, *zs, kl, *kl_grads, y, gimg, im, gu, *conv]
 
 
 def test_results_do_not_depend_on_the_thread_count(cpp):
@@ -430,11 +436,14 @@ def test_torch_compile_traces_through_without_graph_breaks(cpp):
     kl_inputs = [torch.randn(2, 3, 4, 4) for _ in range(5)]
     img, scale = torch.rand(2, 3, 32, 32) * 2 - 1, dct_scale_bound(3, 5, 32)
 
+    conv_weight, conv_bias = torch.randn(4, 3, 1, 1), torch.randn(4)
+
     def loss(params, img, mu_q, lv_q, mu_p, lv_p, noise):
         z, kl = ops.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, noise, backend="cpp")
         u = ops.dct_crop(img, scale, backend="cpp")
         return (ops.dml_log_prob(x, params, 10, backend="cpp").sum() + kl.sum() + z.square().sum()
-                + ops.idct_pad(u, scale, 32, backend="cpp").square().sum())
+                + ops.idct_pad(u, scale, 32, backend="cpp").square().sum()
+                + ops.conv1x1(img, conv_weight, conv_bias, silu=True, backend="cpp").square().sum())
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, backend="eager", fullgraph=True)
@@ -449,7 +458,7 @@ def test_torch_compile_traces_through_without_graph_breaks(cpp):
 def test_auto_uses_cpp_for_cpu_tensors(cpp):
     assert _backend.choose_backend("dml_log_prob", "auto", torch.device("cpu")) == "cpp"
     for op in ("dct_crop", "idct_pad", "gaussian_sample_kl", "gaussian_sample_kl_grouped", "dml_log_prob",
-               "dml_sample"):
+               "dml_sample", "conv1x1"):
         assert "cpp" in _backend._REGISTRY[op], op
 
 

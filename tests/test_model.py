@@ -262,3 +262,16 @@ def test_bad_configs_are_rejected_clearly():
 def test_config_round_trips_through_a_dict():
     cfg = dvp_fast.model_preset("cifar10", num_ch=64)
     assert DVPConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_residual_blocks_keep_their_parameter_names():
+    """The SiLUs fused into the 1x1 convs left Identity slots so that saved checkpoints still load."""
+    from dvp_fast.layers import DecoderResBlock, EncoderResBlock
+
+    enc = EncoderResBlock(4, 3)
+    assert [k for k in enc.state_dict()] == [f"net.{i}.{p}" for i in (1, 3, 5, 7) for p in ("weight", "bias")]
+    assert enc.net[1].silu_input and enc.net[7].silu_input and not isinstance(enc.net[0], torch.nn.SiLU)
+    dec = DecoderResBlock(4, 3, 5)
+    assert [k for k in dec.state_dict()] == ([f"net.{i}.{p}" for i in (0, 2, 4, 6) for p in ("weight", "bias")]
+                                             + ["skip.weight", "skip.bias"])
+    assert dec.net[6].silu_input and not dec.net[0].silu_input

@@ -192,3 +192,32 @@ def test_dml_sample_stays_on_the_pixel_grid_for_extreme_parameters(backend, seed
     levels = (x.double() + 1.0) * 127.5
     assert levels.min() >= 0 and levels.max() <= 255
     assert (levels - levels.round()).abs().max() < 1e-3 * 255
+
+
+# --- conv1x1 --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # no Triton kernel: cuDNN's job
+@SETTINGS
+@given(seed=seeds, batch=st.integers(1, 3), cin=st.integers(1, 9), cout=st.integers(1, 9), side=st.integers(1, 50),
+       silu=st.booleans(), dtype=st.sampled_from(DTYPES), fraction=fractions)
+def test_conv1x1_matches_the_fallback_where_silu_saturates(backend, seed, batch, cin, cout, side, silu, dtype,
+                                                           fraction):
+    """Inputs of +-1e4 and +-100 (SiLU's exponential far beyond float range) and exact zeros."""
+    dev = device_for(backend)
+    x = filled(seed, (batch, cin, side, side), 3.0, [-1e4, 1e4, -100.0, 100.0, 0.0], fraction)
+    x = x.to(dtype=dtype, device=dev).requires_grad_()
+    weight = filled(seed + 1, (cout, cin, 1, 1), 1.0, [], 0.0).to(dtype=dtype, device=dev).requires_grad_()
+    bias = filled(seed + 2, (cout,), 1.0, [], 0.0).to(dtype=dtype, device=dev).requires_grad_()
+    y = ops.conv1x1(x, weight, bias, silu=silu, backend=backend)
+    fresh = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    y_ref = ops.conv1x1(*fresh, silu=silu, backend="torch")
+    if not torch.isfinite(y_ref).all():  # float16: W x for x = 1e4 can pass 65504 in the math itself
+        assert dtype == torch.float16, f"conv1x1: the fallback overflowed in {dtype}"
+        return
+    assert_close(y, y_ref, 2 * TOL[dtype], f"conv1x1[{backend}]")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y)
+    for name, a, e in zip(("x", "weight", "bias"), torch.autograd.grad(y, [x, weight, bias], g),
+                          torch.autograd.grad(y_ref, fresh, g)):
+        if not torch.isfinite(e).all():  # float16: sums of g x over the image pass 65504 in the math itself
+            assert dtype == torch.float16, f"d {name}: the fallback overflowed in {dtype}"
+            continue
+        assert_close(a, e, 2 * TOL[dtype], f"d {name}[{backend}]")

@@ -3,11 +3,12 @@
 See `dvp_fast.ops._backend` for what the backends are and how "auto" chooses.
 """
 from ._backend import BACKENDS, backend_available, use_backend
+from .conv1x1 import conv1x1
 from .dct import dct_basis, dct_crop, idct_pad
 from .dml import dml_log_prob, dml_sample
 from .gaussian_kl import gaussian_log_prob, gaussian_sample_kl, gaussian_sample_kl_grouped
 
 __all__ = [
-    "BACKENDS", "backend_available", "use_backend", "dct_basis", "dct_crop", "idct_pad", "dml_log_prob", "dml_sample",
+    "BACKENDS", "backend_available", "use_backend", "conv1x1", "dct_basis", "dct_crop", "idct_pad", "dml_log_prob", "dml_sample",
     "gaussian_log_prob", "gaussian_sample_kl", "gaussian_sample_kl_grouped",
 ]

@@ -76,8 +76,12 @@ def choose_backend(op: str, backend: str, device: torch.device) -> str:
     """Resolve `backend` for `op` on tensors living on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto" and getattr(_AUTO_OVERRIDE, "value", None) is not None:
-        backend = _AUTO_OVERRIDE.value
+    override = getattr(_AUTO_OVERRIDE, "value", None)
+    if backend == "auto" and override is not None:
+        # Ops the chosen backend has no kernel for (conv1x1 has none in Triton) keep the fallback.
+        if override != "torch" and _availability(override)[0] and override not in _REGISTRY.get(op, {}):
+            return "torch"
+        backend = override
     if backend == "auto":
         if device.type == "cuda" and _usable(op, "triton"):
             return "triton"

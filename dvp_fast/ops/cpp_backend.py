@@ -31,7 +31,7 @@ from ._backend import register
 from .dct import dct_basis
 
 _NAME = "dvp_fast_cpp"
-_SOURCES = ("common.h", "dct.cpp", "gaussian_kl.cpp", "dml.cpp", "bindings.cpp")
+_SOURCES = ("common.h", "dct.cpp", "gaussian_kl.cpp", "dml.cpp", "conv1x1.cpp", "bindings.cpp")
 # Kernels exist for these storage dtypes; others are computed in float32 and cast back.
 _NATIVE = (torch.float32, torch.bfloat16)
 
@@ -213,6 +213,16 @@ def _(grad_out, g, dtype):
 @torch.library.register_fake(f"{_NAME}::dml_sample")
 def _(params, u_mix, u_logistic, temperature, num_mix):
     return _empty(params, (params.shape[0], 3, params.shape[2], params.shape[3]), torch.float32)
+
+
+@torch.library.register_fake(f"{_NAME}::conv1x1")
+def _(x, weight, silu):
+    return _empty(x, (x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+@torch.library.register_fake(f"{_NAME}::conv1x1_backward")
+def _(grad_y, x, weight, silu, need_x, need_weight):
+    return _empty(x, x.shape if need_x else (0,)), _empty(weight, weight.shape if need_weight else (0,))
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -409,3 +419,41 @@ def dml_sample_cpp(params: torch.Tensor, temperature: float, num_mix: int) -> to
     u_mix = torch.rand_like(params[:, :num_mix], dtype=torch.float32)
     u_logistic = torch.rand_like(params.new_empty((b, 3, h, w), dtype=torch.float32))
     return _ops.dml_sample(_native(params), u_mix.contiguous(), u_logistic, float(temperature), num_mix)
+
+
+# ------------------------------------------------------------------------------ 1x1 convolution
+def _weight_with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(Cout, Cin + 1) float32: the kernel takes the bias as the weight's last column."""
+    w = weight.reshape(weight.shape[0], weight.shape[1]).float()
+    b = bias.float() if bias is not None else w.new_zeros(w.shape[0])
+    return torch.cat([w, b[:, None]], dim=1).contiguous()
+
+
+class _Conv1x1(torch.autograd.Function):
+    """Saves x, not act(x): backward recomputes the SiLU inside the kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        xk, wb = _native(x), _weight_with_bias(weight, bias)
+        ctx.save_for_backward(xk, wb)
+        ctx.silu, ctx.dtypes = silu, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return _to(_ops.conv1x1(xk, wb, silu), x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xk, wb = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        gx, gwb = _ops.conv1x1_backward(_to(grad_y, xk.dtype).contiguous(), xk, wb, ctx.silu, need_x,
+                                        need_w or need_b)
+        cin = xk.shape[1]
+        gw = _to(gwb[:, :cin], w_dtype).reshape(gwb.shape[0], cin, 1, 1) if need_w else None
+        gb = _to(gwb[:, cin], b_dtype) if need_b else None
+        return (_to(gx, x_dtype) if need_x else None), gw, gb, None
+
+
+@register("conv1x1", "cpp")
+def conv1x1_cpp(x, weight, bias, silu):
+    if _needs_grad(x, weight, bias):
+        return _Conv1x1.apply(x, weight, bias, silu)
+    return _to(_ops.conv1x1(_native(x), _weight_with_bias(weight, bias), silu), x.dtype)

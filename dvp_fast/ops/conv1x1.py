@@ -1,0 +1,59 @@
+"""A 1x1 convolution with an optional SiLU on its input: y = W act(x) + b.
+
+The ladder's residual blocks are mostly SiLU -> 1x1 conv and 3x3 convs (SPEC §5-6); on CPU the
+1x1 convolutions and the SiLUs take about a third of a training step. The fused backends
+compute act(x) on the fly (it is never stored: backward recomputes it from x) and run the
+products as GEMMs. There is no Triton kernel: on CUDA, "auto" uses the fallback (cuDNN),
+which is already fast there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import choose_backend, implementation, register
+from ._checks import check_floating, check_same_device, check_shape
+
+_OP = "conv1x1"
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    check_floating(_OP, "x", x)
+    check_floating(_OP, "weight", weight)
+    check_shape(_OP, "x", x, "(B, Cin, H, W)", ndim=4)
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{_OP}: weight must have shape (Cout, {x.shape[1]}, 1, 1) for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_floating(_OP, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{_OP}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_same_device(_OP, x=x, weight=weight, bias=bias)
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu: bool = False,
+            backend: str = "auto") -> torch.Tensor:
+    """``F.conv2d(F.silu(x) if silu else x, weight, bias)`` for weight (Cout, Cin, 1, 1): (B, Cout, H, W).
+
+    Under torch.autocast the inputs are cast to the autocast dtype first, as F.conv2d's
+    autocast rule does; otherwise x, weight and bias must share one dtype, as F.conv2d requires.
+    """
+    _check_args(x, weight, bias)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return conv1x1(x, weight, bias, silu=silu, backend=backend)
+    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) > 1:
+        raise TypeError(f"{_OP}: x, weight and bias must share one dtype (or run under torch.autocast), got x "
+                        f"{x.dtype}, weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}"))
+    fn = implementation(_OP, choose_backend(_OP, backend, x.device))
+    return fn(x, weight, bias, silu)
+
+
+@register(_OP, "torch")
+def conv1x1_torch(x, weight, bias, silu):
+    return F.conv2d(F.silu(x) if silu else x, weight, bias)
