@@ -7,7 +7,12 @@ Every op at the shapes of issue 5 (CPU tensors, float32):
   * gaussian_kl:  the 28 cifar10 latents at batch 8, 4 x (3,4,4), 6 x (3,8,8), 8 x (3,16,16),
                   10 x (3,32,32), noise drawn inside the op as in the model: one
                   gaussian_sample_kl call per layer (what model.py does), and the grouped op;
-  * dct:          dct_crop (8,3,32,32) -> d = 7 and (8,1,28,28) -> 7, and idct_pad back.
+  * dct:          dct_crop (8,3,32,32) -> d = 7 and (8,1,28,28) -> 7, and idct_pad back;
+  * conv1x1:      the mnist preset's 1x1 convolutions at its training batch (250, 32 channels), of
+                  SiLU(x) at 28 x 28 and 14 x 14 (the residual blocks) and of x at 14 x 14
+                  (batch 32 with --quick).
+With --train, a whole mnist-preset training step (batch 250) in interleaved pairs, cpp then torch
+or torch then cpp in turn, reported as the median and quartiles of the per-pair ratios.
 Passes: "fwd" is the forward with autograd recording (inputs require grad, as in training; the
 cpp DML forward also writes its gradient then), "bwd" the backward alone (the forward of each
 repeat runs untimed), "fwd+bwd" both. For each repeat the backends run in turn, so load on the
@@ -19,6 +24,7 @@ one thread the CPU clock sums the threads, so use the wall clock there.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -89,6 +95,19 @@ def _dct_cases():
     return cases
 
 
+def _conv1x1_cases(batch: int):
+    cases = []
+    for side, silu in ((28, True), (14, True), (14, False)):
+        gen = torch.Generator().manual_seed(side)
+        x = torch.randn(batch, 32, side, side, generator=gen)
+        conv = torch.nn.Conv2d(32, 32, 1)
+        act = "SiLU(x)" if silu else "x"
+        cases.append(("conv1x1", f"conv1x1 of {act} ({batch},32,{side},{side}) -> 32",
+                      lambda x=x: [_leaf(x), _leaf(conv.weight), _leaf(conv.bias)],
+                      lambda inputs, backend, silu=silu: [ops.conv1x1(*inputs, silu=silu, backend=backend)]))
+    return cases
+
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -114,7 +133,7 @@ def bench_cpp_ops(quick: bool, clock: str = "wall") -> list[dict]:
     if not ops.backend_available("cpp"):
         raise RuntimeError("the cpp backend is not available here (see the warning above)")
     warmup, repeats = (3, 15) if quick else (10, 60)
-    cases = [_dml_case(), *_kl_cases(), *_dct_cases()]
+    cases = [_dml_case(), *_kl_cases(), *_dct_cases(), *_conv1x1_cases(32 if quick else 250)]
     rows = []
     for section, name, prepare, forward in cases:
         gen = torch.Generator().manual_seed(2)
@@ -133,13 +152,17 @@ def bench_cpp_ops(quick: bool, clock: str = "wall") -> list[dict]:
     return rows
 
 
-def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", batch: int = 32) -> list[dict]:
-    """Rows (as bench_cpp_ops) for one training step of a preset model on CPU: forward, loss and
-    backward, with the model's ops (backend "auto") on cpp or on torch via ops.use_backend."""
+def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", batch: int = 250,
+                     pairs: int = 30) -> tuple[list[dict], dict]:
+    """One training step of a preset model on CPU (forward, loss, backward), with the model's ops
+    (backend "auto") on cpp or on torch via ops.use_backend, timed in interleaved pairs: pair i
+    runs torch then cpp for even i and cpp then torch for odd i, so drifts in machine speed hit
+    both alike. Returns rows (as bench_cpp_ops) and a summary of the per-pair ratios torch / cpp."""
     from dvp_fast import DVPVAE  # noqa: PLC0415  (only this benchmark needs the model)
 
     torch.manual_seed(0)
     model = DVPVAE.from_preset(preset)
+    model.validate_inputs = False  # the input check syncs the host; not part of a training step's work
     cfg = model.config
     x = torch.rand(batch, cfg.image_channels, cfg.image_size, cfg.image_size)
     # binary pixels for the Bernoulli presets, the 256 levels for the mixture of logistics
@@ -153,19 +176,25 @@ def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", ba
             model(x).loss.backward()
         return (CLOCKS[clock]() - t0) * 1e3
 
-    warmup, repeats = (1, 3) if quick else (2, 10)
+    warmup, pairs = (1, 3) if quick else (2, pairs)
+    for _ in range(warmup):
+        step("torch"), step("cpp")
     times = {backend: [] for backend in BACKENDS}
-    for rep in range(warmup + repeats):
-        for backend in BACKENDS:
-            elapsed = step(backend)
-            if rep >= warmup:
-                times[backend].append(elapsed)
+    for i in range(pairs):
+        for backend in (BACKENDS if i % 2 == 0 else BACKENDS[::-1]):
+            times[backend].append(step(backend))
     rows = []
+    name = f"{preset} preset training step, batch {batch}"
     for backend in BACKENDS:
         median, iqr = _quartiles(times[backend])
-        rows.append({"section": "train", "name": f"{preset} preset training step, batch {batch}", "backend": backend,
-                     "pass": "fwd+bwd", "median_ms": median, "iqr_ms": iqr})
-    return rows
+        rows.append({"section": "train", "name": name, "backend": backend, "pass": "fwd+bwd", "median_ms": median,
+                     "iqr_ms": iqr})
+    ratios = [t / c for t, c in zip(times["torch"], times["cpp"])]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    summary = {"name": name, "pairs": pairs, "ratio_median": median, "ratio_q1": q1, "ratio_q3": q3,
+               "cpp_faster_fraction": sum(r > 1.0 for r in ratios) / len(ratios),
+               "torch_ms": times["torch"], "cpp_ms": times["cpp"]}
+    return rows, summary
 
 
 def speedups(rows: list[dict]) -> list[tuple[str, str, float]]:
@@ -182,20 +211,31 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: perf_counter (default); cpu: process_time, for --threads 1 on a loaded machine")
     parser.add_argument("--train", action="store_true", help="also time an mnist-preset training step (slow)")
+    parser.add_argument("--pairs", type=int, default=30, help="interleaved pairs of training steps (with --train)")
+    parser.add_argument("--json", default=None, help="also write every row and the pairs' summary to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads, {args.clock} clock, load average {os.getloadavg()[0]:.1f}")
-    rows = bench_cpp_ops(args.quick, args.clock)
+    rows, summary = bench_cpp_ops(args.quick, args.clock), None
     if args.train:
-        rows += bench_train_step(args.quick, args.clock)
+        train_rows, summary = bench_train_step(args.quick, args.clock, pairs=args.pairs)
+        rows += train_rows
     for r in rows:
         print(f"{r['section']:12s} {r['name']:55s} {r['backend']:6s} {r['pass']:8s} "
               f"{r['median_ms']:9.3f} ms  (IQR {r['iqr_ms']:.3f})")
     print("# speed-up of cpp over torch (ratio of medians)")
     for name, which, ratio in speedups(rows):
         print(f"{name:55s} {which:8s} {ratio:6.2f}x")
+    if summary is not None:
+        print(f"# {summary['name']}: per-pair ratio torch / cpp over {summary['pairs']} pairs: median "
+              f"{summary['ratio_median']:.3f}x (quartiles {summary['ratio_q1']:.3f} to {summary['ratio_q3']:.3f}); "
+              f"cpp faster in {summary['cpp_faster_fraction']:.0%} of the pairs")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+                       "rows": rows, "train_pairs": summary}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -281,7 +281,8 @@ def bench_ops(st: Settings, copy_gbps: float, groups: tuple[str, ...] = GROUPS) 
 
 
 def cpp_small_rows(st: Settings) -> list[dict]:
-    """bench/bench_cpp.py's cpp-vs-torch rows at issue 5's batch-8 shapes, in this harness's format."""
+    """bench/bench_cpp.py's cpp-vs-torch rows (issue 5's batch-8 op shapes, the mnist preset's 1x1 convs),
+    in this harness's format."""
     try:
         try:
             from . import bench_cpp
@@ -295,7 +296,7 @@ def cpp_small_rows(st: Settings) -> list[dict]:
     for r in raw:
         rows.append(common.row(SECTION, "cpp_small", f"{r['section']}: {r['name']}", r["backend"], "time", "ms",
                                value=r["median_ms"], spread=r["iqr_ms"], passname=r["pass"],
-                               note="bench/bench_cpp.py (issue 5 shapes, batch 8)"))
+                               note="bench/bench_cpp.py (issue 5's shapes)"))
     common.add_speedups(rows, "torch")
     _print_progress(rows)
     return rows
