@@ -11,7 +11,7 @@ Every op at the shapes of issue 5 (CPU tensors, float32):
   * conv1x1:      the mnist preset's 1x1 convolutions at its training batch (250, 32 channels), of
                   SiLU(x) at 28 x 28 and 14 x 14 (the residual blocks) and of x at 14 x 14
                   (batch 32 with --quick).
-With --train, a whole mnist-preset training step (batch 250) in interleaved pairs, cpp then torch
+With --train, a full mnist-preset training step (batch 250, `Trainer.step`) in interleaved pairs, cpp then torch
 or torch then cpp in turn, reported as the median and quartiles of the per-pair ratios.
 Passes: "fwd" is the forward with autograd recording (inputs require grad, as in training; the
 cpp DML forward also writes its gradient then), "bwd" the backward alone (the forward of each
@@ -154,11 +154,13 @@ def bench_cpp_ops(quick: bool, clock: str = "wall") -> list[dict]:
 
 def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", batch: int = 250,
                      pairs: int = 30) -> tuple[list[dict], dict]:
-    """One training step of a preset model on CPU (forward, loss, backward), with the model's ops
-    (backend "auto") on cpp or on torch via ops.use_backend, timed in interleaved pairs: pair i
+    """One full training step of a preset model on CPU (`Trainer.step`: forward, loss, backward, gradient
+    clipping, Adamax, EMA), with the model's ops (backend "auto") on cpp or on torch via
+    ops.use_backend, timed in interleaved pairs: pair i
     runs torch then cpp for even i and cpp then torch for odd i, so drifts in machine speed hit
     both alike. Returns rows (as bench_cpp_ops) and a summary of the per-pair ratios torch / cpp."""
-    from dvp_fast import DVPVAE  # noqa: PLC0415  (only this benchmark needs the model)
+    from dvp_fast import DVPVAE, train_preset  # noqa: PLC0415  (only this benchmark needs the model)
+    from dvp_fast.train import Trainer  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = DVPVAE.from_preset(preset)
@@ -168,12 +170,12 @@ def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", ba
     # binary pixels for the Bernoulli presets, the 256 levels for the mixture of logistics
     x = torch.bernoulli(x) * 2 - 1 if cfg.image_channels == 1 else torch.round(x * 255) / 127.5 - 1
     model.fit_pseudoinput_scale(x)
+    trainer = Trainer(model, train_preset(preset, batch_size=batch), steps_per_epoch=220)
 
     def step(backend: str) -> float:
-        model.zero_grad(set_to_none=True)
         t0 = CLOCKS[clock]()
         with ops.use_backend(backend):  # what backend="auto" inside the model resolves to
-            model(x).loss.backward()
+            trainer.step(x)
         return (CLOCKS[clock]() - t0) * 1e3
 
     warmup, pairs = (1, 3) if quick else (2, pairs)
@@ -187,7 +189,7 @@ def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", ba
     name = f"{preset} preset training step, batch {batch}"
     for backend in BACKENDS:
         median, iqr = _quartiles(times[backend])
-        rows.append({"section": "train", "name": name, "backend": backend, "pass": "fwd+bwd", "median_ms": median,
+        rows.append({"section": "train", "name": name, "backend": backend, "pass": "step", "median_ms": median,
                      "iqr_ms": iqr})
     ratios = [t / c for t, c in zip(times["torch"], times["cpp"])]
     q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
