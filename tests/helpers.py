@@ -47,3 +47,13 @@ def skip_unless_implemented(backend: str, op: str) -> None:
 
 def as_float64(t) -> np.ndarray:
     return t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+
+
+def assert_close(actual, expected, tol: float, what: str) -> None:
+    """Same shape, every element finite (an element no kernel wrote is NaN under `nan_filled_allocations`),
+    and max |actual - expected| <= tol * max |expected|."""
+    a, e = as_float64(actual), as_float64(expected)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    assert np.isfinite(a).all(), f"{what}: non-finite elements (never written?)"
+    err = np.abs(a - e).max() / max(np.abs(e).max(), 1e-30)
+    assert err <= tol, f"{what}: max error {err:.3g} relative to max |expected|, tolerance {tol:.3g}"

@@ -5,14 +5,13 @@ with act(v) = v / (1 + e^-v); its gradients come from float64 autograd, independ
 backend's hand-written backward. Shapes cover one sample, one channel, a tail chunk (batches
 that do not divide into the cpp kernel's chunks), images wider than a chunk, and no bias.
 """
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dvp_fast import ops
 from dvp_fast.ops import _backend
-from helpers import as_float64, device_for, skip_unless_implemented
+from helpers import as_float64, assert_close, device_for, skip_unless_implemented
 
 pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
 
@@ -41,14 +40,6 @@ def inputs(shape, dtype, bias=True, seed=0):
     weight = (torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(dtype)
     b_ = torch.randn(cout, generator=gen).to(dtype) if bias else None
     return x, weight, b_
-
-
-def assert_close(actual, expected, tol: float, what: str) -> None:
-    a, e = as_float64(actual), as_float64(expected)
-    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
-    assert np.isfinite(a).all(), f"{what}: non-finite elements (never written?)"
-    err = np.abs(a - e).max() / max(np.abs(e).max(), 1e-30)
-    assert err <= tol, f"{what}: max error {err:.3g} relative to max |expected|, tolerance {tol:.3g}"
 
 
 def forward_backward(backend, x, weight, bias, silu, g):

@@ -27,6 +27,7 @@ from dvp_fast import ops
 from dvp_fast.ops import _backend
 from dvp_fast.ops.dct import dct_scale_bound
 from helpers import as_float64 as f64
+from helpers import assert_close
 
 # Max error relative to the largest |expected|, per input dtype: fp32 arithmetic, and for
 # bf16 the rounding of outputs and gradients to bf16 (8 bits of mantissa).
@@ -53,14 +54,6 @@ def cpp():
 
 
 
-
-
-def assert_close(actual, expected, tol: float, what: str) -> None:
-    a, e = f64(actual), f64(expected)
-    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
-    assert np.isfinite(a).all(), f"{what}: non-finite elements (never written?)"
-    err = np.abs(a - e).max() / max(np.abs(e).max(), 1e-30)
-    assert err <= tol, f"{what}: max error {err:.3g} relative to max |expected|, tolerance {tol:.3g}"
 
 
 def rel_err(actual, expected) -> float:
