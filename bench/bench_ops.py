@@ -31,7 +31,7 @@ import torch
 
 from dvp_fast import ops
 from dvp_fast.config import model_preset
-from dvp_fast.ops._backend import implementation
+from dvp_fast.ops._backend import implementation, implements
 from dvp_fast.ops.dct import dct_basis, dct_scale_bound
 
 try:
@@ -89,13 +89,13 @@ class Case:
 
 PUBLIC = {"dct_crop": ops.dct_crop, "idct_pad": ops.idct_pad, "gaussian_sample_kl": ops.gaussian_sample_kl,
           "gaussian_sample_kl_grouped": ops.gaussian_sample_kl_grouped, "dml_log_prob": ops.dml_log_prob,
-          "dml_sample": ops.dml_sample}
+          "dml_sample": ops.dml_sample, "conv1x1": ops.conv1x1}
 
 
 def _op_impls(op: str, backends: list[str], compiled: bool, extra: dict | None = None) -> dict[str, Callable]:
-    """Backends through the public op (argument checks and dispatch included, as users call it);
-    torch.compile wraps the fallback implementation itself."""
-    impls = {b: functools.partial(PUBLIC[op], backend=b) for b in backends}
+    """The backends that implement `op`, through the public op (argument checks and dispatch included, as
+    users call it); torch.compile wraps the fallback implementation itself."""
+    impls = {b: functools.partial(PUBLIC[op], backend=b) for b in backends if implements(op, b)}
     if compiled:
         impls["torch.compile"] = torch.compile(implementation(op, "torch"), dynamic=False)
     impls.update(extra or {})
@@ -176,6 +176,18 @@ def make_cases(preset: str, batch: int, device: torch.device, backends: list[str
     cases.append(Case("gaussian_sample_kl_grouped", f"{preset}: {n_layers} layers in one call, B={batch}", flat,
                       grouped, _op_impls("gaussian_sample_kl_grouped", backends, "gaussian_sample_kl_grouped" in compile_groups), kl_bytes))
 
+    # 1x1 convolution of SiLU(x): the residual blocks' bottleneck entry, at the finest latent resolution
+    ch, hidden, res = cfg.num_ch, max(1, int(cfg.num_ch * cfg.block_ch_mult)), cfg.scale_resolutions()[0]
+    feats = dev(torch.randn(batch, ch, res, res, generator=gen))
+    conv = [dev(torch.randn(hidden, ch, 1, 1, generator=gen) / ch ** 0.5), dev(torch.randn(hidden, generator=gen))]
+    n_in, n_out = feats.numel() * F32, batch * hidden * res * res * F32
+    cases.append(Case(
+        "conv1x1", f"{preset}: SiLU then 1x1 conv ({batch},{ch},{res},{res}) -> {hidden}", [feats, *conv],
+        lambda impl, leaves: [impl(*leaves, silu=True)],
+        _op_impls("conv1x1", backends, "conv1x1" in compile_groups),
+        # fwd reads x, writes y; bwd reads the gradient and x, writes d x
+        {"fwd": n_in + n_out, "bwd": n_out + 2 * n_in, "fwd+bwd": 2 * n_out + 3 * n_in}))
+
     # Discretized mixture of logistics (cifar10 only: the others are Bernoulli)
     if cfg.likelihood == "dml":
         m = cfg.num_mix
@@ -250,7 +262,7 @@ def bench_case(case: Case, st: Settings, copy_gbps: float) -> list[dict]:
 
 
 GROUPS = ("dct_crop", "idct_pad", "dct_pair", "gaussian_sample_kl", "gaussian_sample_kl_grouped", "dml_log_prob",
-          "dml_sample", "cpp_small")
+          "dml_sample", "conv1x1", "cpp_small")
 
 
 def bench_ops(st: Settings, copy_gbps: float, groups: tuple[str, ...] = GROUPS) -> list[dict]:

@@ -82,7 +82,7 @@ def main() -> None:
     stem = os.path.join(args.out, f"sampler-quality-{meta['date']}")
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    lines = [f"# Pseudo-input sampler quality against steps", "",
+    lines = ["# Pseudo-input sampler quality against steps", "",
              f"Checkpoint `{path}` (step {meta['step']}, {meta['weights']} weights, data {name}), {meta['n']} samples, "
              f"prior NLL on a "
              f"{args.grid}-point grid; {meta['device']}, torch {meta['torch']}, {meta['date']}.", "",

@@ -79,7 +79,7 @@ def choose_backend(op: str, backend: str, device: torch.device) -> str:
     override = getattr(_AUTO_OVERRIDE, "value", None)
     if backend == "auto" and override is not None:
         # Ops the chosen backend has no kernel for (conv1x1 has none in Triton) keep the fallback.
-        if override != "torch" and _availability(override)[0] and override not in _REGISTRY.get(op, {}):
+        if override != "torch" and _availability(override)[0] and not implements(op, override):
             return "torch"
         backend = override
     if backend == "auto":
@@ -106,7 +106,12 @@ def choose_backend(op: str, backend: str, device: torch.device) -> str:
 
 def _usable(op: str, backend: str) -> bool:
     # Availability first: it imports (and for cpp builds) the backend, which is what registers it.
-    return _availability(backend)[0] and backend in _REGISTRY.get(op, {})
+    return _availability(backend)[0] and implements(op, backend)
+
+
+def implements(op: str, backend: str) -> bool:
+    """Whether `backend` has a kernel for `op` (after the backend was imported, e.g. by backend_available)."""
+    return backend in _REGISTRY.get(op, {})
 
 
 def implementation(op: str, backend: str) -> Callable:
