@@ -116,6 +116,7 @@ def test_autocast_casts_like_conv2d(backend):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(x=torch.randn(2, 3, 4)), r"x must have shape \(B, Cin, H, W\)"),
+    (dict(x=torch.randn(2, 3, 0, 4)), r"x must have H, W >= 1, got shape \(2, 3, 0, 4\)"),
     (dict(weight=torch.randn(5, 3, 3, 3)), r"weight must have shape \(Cout, 3, 1, 1\)"),
     (dict(weight=torch.randn(5, 4, 1, 1)), r"weight must have shape \(Cout, 3, 1, 1\)"),
     (dict(bias=torch.randn(4)), r"bias must have shape \(5,\)"),
@@ -137,3 +138,13 @@ def test_triton_override_keeps_the_fallback_for_ops_it_has_no_kernel_for():
         assert _backend.choose_backend("conv1x1", "auto", torch.device("cpu")) == "torch"
     with pytest.raises(RuntimeError, match="no implementation of this op"):
         _backend.choose_backend("conv1x1", "triton", torch.device("cpu"))
+
+
+def test_an_empty_batch_gives_empty_outputs_and_zero_weight_gradients(backend):
+    skip_unless_implemented(backend, "conv1x1")
+    x, weight, b = (t.to(device_for(backend)).requires_grad_() for t in inputs((1, 3, 5, 4, 4), torch.float32))
+    x_empty = x.detach()[:0].requires_grad_()
+    y = ops.conv1x1(x_empty, weight, b, silu=True, backend=backend)
+    assert y.shape == (0, 5, 4, 4)
+    gx, gw, gb = torch.autograd.grad(y.sum(), [x_empty, weight, b])
+    assert gx.shape == x_empty.shape and not gw.any() and not gb.any()

@@ -29,7 +29,8 @@ def use_backend(backend: str) -> Iterator[None]:
     """Make backend="auto" resolve to `backend` inside the block, e.g. the whole model on the
     pure-PyTorch reference path: ``with dvp_fast.ops.use_backend("torch"): model(x)``.
 
-    Explicit backend= arguments are untouched. Not for use under torch.compile tracing.
+    Ops that `backend` has no kernel for (conv1x1 has none in Triton) keep the fallback. Explicit
+    backend= arguments are untouched. Not for use under torch.compile tracing.
     """
     if backend not in BACKENDS:
         raise ValueError(f"use_backend: backend must be one of {BACKENDS}, got {backend!r}")

@@ -21,6 +21,8 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     check_floating(_OP, "x", x)
     check_floating(_OP, "weight", weight)
     check_shape(_OP, "x", x, "(B, Cin, H, W)", ndim=4)
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{_OP}: x must have H, W >= 1, got shape {tuple(x.shape)}")
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{_OP}: weight must have shape (Cout, {x.shape[1]}, 1, 1) for x of shape "
                          f"{tuple(x.shape)}, got {tuple(weight.shape)}")
