@@ -4,21 +4,29 @@
 // trip through memory and its saved output, and the backward's separate silu_backward pass.
 // oneDNN's 1x1 convolution backward is also slow on these small channel counts (3-5x its forward).
 //
-// The batch is cut into chunks of samples_per_chunk(HW) samples, a number that depends on the shape
-// only. Per chunk, act(x) is written to an L2-sized float32 buffer A (n x (Cin + 1) x HW, each
-// sample's last row all ones so that the bias rides in the GEMM as W's last column), then ATen's
-// batched GEMM (MKL or oneDNN) reads the NCHW tensors where they lie and writes y or dx in place.
-// The weight gradient is one (Cout, Cin + 1) product per sample, summed in sample order: the result
-// does not depend on the number of threads. Inputs may be float32 or bfloat16; the arithmetic is
-// float32.
+// The batch is cut into chunks of a few samples, one task each. Per chunk, act(x) is written to an
+// L2-sized float32 buffer A (n x (Cin + 1) x HW, each sample's last row all ones so that the bias
+// rides in the GEMM as W's last column), then ATen's batched GEMM (MKL or oneDNN) reads the NCHW
+// tensors where they lie and writes y or dx in place. Every sample's products are computed alone
+// and the weight gradient is one (Cout, Cin + 1) product per sample, summed in sample order, so the
+// chunking may follow the thread count while the results do not. Inputs may be float32 or bfloat16;
+// the arithmetic is float32.
 #include "common.h"
 
 namespace dvp {
 namespace {
 
 constexpr int64_t kColumnsPerChunk = 2048;  // ~0.5 MB of float32 buffers per chunk at 32 channels
+constexpr int64_t kChunksPerThread = 4;     // so that uneven chunks still balance across threads
 
-int64_t samples_per_chunk(int64_t hw) { return std::max<int64_t>(1, kColumnsPerChunk / std::max<int64_t>(hw, 1)); }
+// Up to kColumnsPerChunk GEMM columns per chunk (fewer and the per-call overhead shows), but no
+// fewer than kChunksPerThread chunks per thread where the batch allows it.
+int64_t samples_per_chunk(int64_t batch, int64_t hw) {
+  const int64_t by_size = kColumnsPerChunk / std::max<int64_t>(hw, 1);
+  const int64_t tasks = kChunksPerThread * at::get_num_threads();
+  const int64_t by_threads = (batch + tasks - 1) / tasks;
+  return std::max<int64_t>(1, std::min(by_size, by_threads));
+}
 
 DVP_INLINE float sigmoid(float v) { return 1.0f / (1.0f + fexp(-v)); }
 
@@ -87,7 +95,7 @@ Shape check_shapes(const char* name, const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(weight.size(1) == x.size(1) + 1, name, ": weight has ", weight.size(1), " columns for ", x.size(1),
               " input channels (expected Cin + 1)");
   Shape s{x.size(0), x.size(1), weight.size(0), x.size(2) * x.size(3), 0, 0};
-  s.per_chunk = samples_per_chunk(s.hw);
+  s.per_chunk = samples_per_chunk(s.batch, s.hw);
   s.chunks = (s.batch + s.per_chunk - 1) / s.per_chunk;
   return s;
 }

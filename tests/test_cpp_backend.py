@@ -402,8 +402,9 @@ def _all_ops_once():
     (y,), (gimg,), _ = run(lambda a: ops.dct_crop(a, scale, backend="cpp"), leaves(img))
     (im,), (gu,), _ = run(lambda a: ops.idct_pad(a, scale, 32, backend="cpp"), leaves(y.detach()))
     conv = []
-    for batch in (1, 50):  # one chunk (no parallel region: the GEMMs may thread) and many
-        feats, weight, bias = torch.randn(batch, 32, 28, 28), torch.randn(16, 32, 1, 1), torch.randn(16)
+    # one chunk (no parallel region: the GEMMs may thread), many, and chunks sized by the thread count
+    for batch, side in ((1, 28), (50, 28), (50, 7)):
+        feats, weight, bias = torch.randn(batch, 32, side, side), torch.randn(16, 32, 1, 1), torch.randn(16)
         outs, grads, _ = run(lambda *a: ops.conv1x1(*a, silu=True, backend="cpp"), leaves(feats, weight, bias))
         conv += [*outs, *grads]
     return [lp, gp, *zs, kl, *kl_grads, y, gimg, im, gu, *conv]
