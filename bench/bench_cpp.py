@@ -11,8 +11,8 @@ Every op at the shapes of issue 5 (CPU tensors, float32):
   * conv1x1:      the mnist preset's 1x1 convolutions at its training batch (250, 32 channels), of
                   SiLU(x) at 28 x 28 and 14 x 14 (the residual blocks) and of x at 14 x 14
                   (batch 32 with --quick).
-With --train, a full mnist-preset training step (batch 250, `Trainer.step`) in interleaved pairs, cpp then torch
-or torch then cpp in turn, reported as the median and quartiles of the per-pair ratios.
+With --train, a full mnist-preset training step (batch 250, `Trainer.step`) in interleaved pairs,
+cpp then torch or torch then cpp in turn, reported as the median and quartiles of the per-pair ratios.
 Passes: "fwd" is the forward with autograd recording (inputs require grad, as in training; the
 cpp DML forward also writes its gradient then), "bwd" the backward alone (the forward of each
 repeat runs untimed), "fwd+bwd" both. For each repeat the backends run in turn, so load on the
@@ -156,9 +156,9 @@ def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", ba
                      pairs: int = 30) -> tuple[list[dict], dict]:
     """One full training step of a preset model on CPU (`Trainer.step`: forward, loss, backward, gradient
     clipping, Adamax, EMA), with the model's ops (backend "auto") on cpp or on torch via
-    ops.use_backend, timed in interleaved pairs: pair i
-    runs torch then cpp for even i and cpp then torch for odd i, so drifts in machine speed hit
-    both alike. Returns rows (as bench_cpp_ops) and a summary of the per-pair ratios torch / cpp."""
+    ops.use_backend, timed in interleaved pairs: pair i runs torch then cpp for even i and cpp then
+    torch for odd i, so drifts in machine speed hit both alike. Returns rows (as bench_cpp_ops) and a
+    summary of the per-pair ratios torch / cpp."""
     from dvp_fast import DVPVAE, train_preset  # noqa: PLC0415  (only this benchmark needs the model)
     from dvp_fast.train import Trainer  # noqa: PLC0415
 

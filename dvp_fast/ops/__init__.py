@@ -9,6 +9,6 @@ from .dml import dml_log_prob, dml_sample
 from .gaussian_kl import gaussian_log_prob, gaussian_sample_kl, gaussian_sample_kl_grouped
 
 __all__ = [
-    "BACKENDS", "backend_available", "use_backend", "conv1x1", "dct_basis", "dct_crop", "idct_pad", "dml_log_prob", "dml_sample",
-    "gaussian_log_prob", "gaussian_sample_kl", "gaussian_sample_kl_grouped",
+    "BACKENDS", "backend_available", "use_backend", "conv1x1", "dct_basis", "dct_crop", "idct_pad", "dml_log_prob",
+    "dml_sample", "gaussian_log_prob", "gaussian_sample_kl", "gaussian_sample_kl_grouped",
 ]
