@@ -423,15 +423,38 @@ def test_cifar_full_size_batch_with_wrong_content_fails_checksum(tmp_path):
 # --- embedded and the dispatcher ---------------------------------------------------------------------------
 def test_embedded_splits():
     train, train_labels = data.load_embedded("train")
+    val, val_labels = data.load_embedded("val")
     test, test_labels = data.load_embedded("test")
-    assert train.shape == (4500, 1, 28, 28) and test.shape == (500, 1, 28, 28) and train.dtype == torch.uint8
-    assert train_labels.shape == (4500,) and set(test_labels.tolist()) == set(range(10))
-    rows = {bytes(x) for x in train.reshape(4500, -1).numpy()}, {bytes(x) for x in test.reshape(500, -1).numpy()}
-    assert len(rows[0]) == 4500 and len(rows[1]) == 500 and not rows[0] & rows[1]
+    assert train.shape == (4000, 1, 28, 28) and val.shape == test.shape == (500, 1, 28, 28)
+    assert train.dtype == val.dtype == test.dtype == torch.uint8
+    assert train_labels.shape == (4000,) and set(val_labels.tolist()) == set(test_labels.tolist()) == set(range(10))
     assert torch.equal(load_images("embedded", "train"), train)  # deterministic
-    assert torch.equal(load_images("embedded", "val"), test)  # documented: val is the test split
+    assert torch.equal(load_images("embedded", "val"), val) and not torch.equal(val, test)
     assert torch.equal(load_labels("embedded", "test"), test_labels)
     assert 25 < train.float().mean() < 45  # real digits: MNIST's mean pixel is 33.3
+
+
+def image_bytes(images: torch.Tensor) -> list[bytes]:
+    return [bytes(x) for x in images.reshape(images.shape[0], -1).numpy()]
+
+
+@pytest.mark.parametrize("name", data.DATASETS)
+def test_train_val_and_test_are_pairwise_disjoint(tmp_path, name):
+    """No image is in two splits: best.pt is chosen on val, dvp-eval reports test."""
+    if name == "mnist":
+        write_mnist(tmp_path)
+    elif name == "omniglot":
+        write_chardata(tmp_path / "chardata.mat")
+    elif name == "cifar10":
+        write_cifar(tmp_path / "cifar-10-batches-py")
+    root = None if name == "embedded" else str(tmp_path)
+    splits = {s: image_bytes(load_images(name, s, root)) for s in data.SPLITS}
+    assert all(len(set(rows)) == len(rows) > 0 for rows in splits.values())
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = len(set(splits[a]) & set(splits[b]))
+        assert shared == 0, f"{name}: {a} and {b} share {shared} images"
+    if name == "embedded":  # the 5,000 digits, each in exactly one split
+        assert [len(splits[s]) for s in data.SPLITS] == [4000, 500, 500]
 
 
 def test_bad_names_and_missing_roots():

@@ -296,7 +296,7 @@ def test_bad_command_lines_are_one_line(capsys, main, argv, message):
                                                  "train-labels-idx1-ubyte[.gz] in EMPTY"),
     (["--data", "omniglot", "--data-dir", "EMPTY"], "omniglot: missing EMPTY/chardata.mat"),
     (["--data", "mnist", "--data-dir", "GARBAGE"], "bad IDX magic number"),
-    (["--batch-size", "100000"], "batch_size 100000 exceeds the 4500 images of the dataset"),
+    (["--batch-size", "100000"], "batch_size 100000 exceeds the 4000 images of the dataset"),
 ])
 def test_missing_or_corrupt_data_is_one_line(small_runs, tmp_path, capsys, argv, message):
     empty, garbage = tmp_path / "empty", tmp_path / "garbage"
