@@ -495,6 +495,33 @@ def test_compile_error_shows_the_compiler_message(cpp, monkeypatch, tmp_path):
     assert len(caught) == 1 and "deliberately broken" in str(caught[0].message)
 
 
+def test_build_key_depends_on_contents_not_on_install_paths(cpp, monkeypatch, tmp_path):
+    """A checkout and an installed copy (same sources, other paths, torch elsewhere) share one
+    build directory; another source, torch version or instruction set gets its own."""
+    import shutil
+
+    from dvp_fast.ops import cpp_backend
+
+    copies = [tmp_path / "checkout" / "csrc", tmp_path / "venv" / "site-packages" / "dvp_fast" / "csrc"]
+    for copy in copies:
+        shutil.copytree(cpp_backend.source_dir(), copy)
+    key = lambda src: cpp_backend.build_settings(src, tmp_path / "cache")[3]  # noqa: E731
+    reference = key(copies[0])
+    assert key(copies[1]) == reference
+    with monkeypatch.context() as m:  # the same torch installed in another environment
+        m.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+        assert key(copies[1]) == reference
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", torch.__version__ + ".post1")
+        assert key(copies[0]) != reference
+    other_isa = "avx2" if cpp_backend._isa_flags()[0] == "base" else "base"
+    with monkeypatch.context() as m:
+        m.setattr(cpp_backend, "_isa_flags", lambda: (other_isa, []))
+        assert key(copies[0]) != reference
+    (copies[1] / "dct.cpp").write_text((copies[1] / "dct.cpp").read_text() + "// changed\n")
+    assert key(copies[1]) != reference
+
+
 def _python(code: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=timeout)

@@ -1,10 +1,12 @@
 """The "cpp" backend: native CPU kernels from csrc/, built just in time with ninja.
 
-Importing this module builds the extension once per (dvp_fast, torch, Python, CPU
-capability, sources) into ``$DVP_FAST_CACHE`` (default ``~/.cache/dvp_fast``) and
-registers its ops. Without a C++ compiler or ninja, or when the build fails, it
-warns once and raises ImportError, so ``backend="auto"`` falls back to torch and
-an explicit ``backend="cpp"`` raises the reason (with the compiler's message).
+Importing this module builds the extension once per (source contents, torch version,
+Python ABI, CPU instruction set and flags) into ``$DVP_FAST_CACHE`` (default
+``~/.cache/dvp_fast``) and registers its ops; where the package or torch is installed is no
+part of the key, so an editable checkout and an installed copy share one build. Without a
+C++ compiler or ninja, or when the build fails, it warns once and raises ImportError, so
+``backend="auto"`` falls back to torch and an explicit ``backend="cpp"`` raises the reason
+(with the compiler's message).
 
 Each op has two layers:
   * a torch operator ``torch.ops.dvp_fast_cpp.<name>`` (csrc/bindings.cpp) with a
@@ -22,6 +24,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import time
 import warnings
 from pathlib import Path
 
@@ -67,9 +70,12 @@ def _isa_flags() -> tuple[str, list[str]]:
 
 
 def build_settings(src: Path, cache: Path | None = None) -> tuple[list[Path], list[str], list[str], Path]:
-    """(sources, cflags, ldflags, build directory under `cache`, default cache_root()) for `src`."""
-    import dvp_fast
+    """(sources, cflags, ldflags, build directory under `cache`, default cache_root()) for `src`.
 
+    The build directory is named by a digest of what the binary depends on: the sources'
+    names and contents, torch's version and build, the Python ABI, the instruction set and
+    the compiler flags. Never a path: a checkout and an installed copy share one build.
+    """
     isa, isa_flags = _isa_flags()
     # -fopenmp: at::parallel_for is inline OpenMP code. -fno-trapping-math changes no result (we
     # never unmask FP exceptions) but lets GCC turn clamps into selects, without which the
@@ -78,12 +84,12 @@ def build_settings(src: Path, cache: Path | None = None) -> tuple[list[Path], li
     ldflags = ["-fopenmp"]  # links libgomp.so.1, the one torch already loaded
     paths = [src / name for name in _SOURCES if (src / name).exists()]
     digest = hashlib.sha256()
-    for part in (dvp_fast.__version__, torch.__version__, str(Path(torch.__file__).parent),
-                 sysconfig.get_config_var("SOABI") or sys.version, isa, *cflags, *ldflags):
+    for part in (torch.__version__, torch.version.git_version or "", sysconfig.get_config_var("SOABI") or sys.version,
+                 isa, *cflags, *ldflags):
         digest.update(part.encode() + b"\0")
     for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    tag = f"{dvp_fast.__version__}-torch{torch.__version__.replace('+', '_')}-{isa}-{digest.hexdigest()[:16]}"
+    tag = f"torch{torch.__version__.replace('+', '_')}-{isa}-{digest.hexdigest()[:16]}"
     return paths, cflags, ldflags, (cache or cache_root()) / "cpp" / tag
 
 
@@ -137,8 +143,9 @@ def build_and_load(src: Path | None = None, name: str = _NAME, cache: Path | Non
     if problem is not None:
         raise _unavailable(problem)
     load = _cpp_extension().load
-    print(f"dvp_fast: building the native CPU kernels (one time, about a minute) in {build_dir}",
+    print(f"dvp_fast: building the native CPU kernels (one time, about 30 s on two idle cores) in {build_dir}",
           file=sys.stderr, flush=True)
+    started = time.perf_counter()
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         # load() holds a file lock on build_dir for the whole ninja run, so concurrent builders
@@ -151,6 +158,8 @@ def build_and_load(src: Path | None = None, name: str = _NAME, cache: Path | Non
         os.replace(temp, marker)  # atomic: a reader never sees a half-written marker
     except (RuntimeError, OSError, ImportError) as exc:  # a build error carries ninja's and the compiler's output
         raise _unavailable(f"building the C++ kernels in {build_dir} failed:\n{exc}") from exc
+    print(f"dvp_fast: built the native CPU kernels in {time.perf_counter() - started:.1f} s", file=sys.stderr,
+          flush=True)
     return library
 
 
