@@ -45,6 +45,7 @@ from .cli import OneLineParser, report_error
 from .config import PRESETS, DVPConfig, TrainConfig, model_preset, train_preset
 from .images import save_grid
 from .model import DVPVAE
+from .ops import backend_available
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "elbo", "recon", "kl", "grad_norm", "skipped", "images_per_s",
                  "val_loss", "val_elbo", "active_units", "time_s"]
@@ -561,6 +562,8 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     model.validate_inputs = False  # uint8 data converted on device is in range by construction
     if is_main:
         _check_free_space(out, model)
+    if device.type == "cpu":  # "auto" picks the C++ kernels on CPU: build (once) and load them now, on lines
+        backend_available("cpp")  # of their own ("building", how long it took), not inside step 1's progress bar
     if resume is None and model.pseudo is not None and mcfg.pseudoinput_type == "dct":
         datasets.fit_scale_cached(model, train_images, args.data, "train")
     batches = datasets.DeviceBatches(train_images, tcfg.batch_size, device, seed=tcfg.seed)

@@ -380,6 +380,30 @@ def test_a_nearly_full_disk_is_refused_before_training(small_runs, monkeypatch, 
     assert not os.path.exists(os.path.join(out, "metrics.csv"))
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ kernels are not available here")
+def test_the_cpp_kernels_are_loaded_before_the_progress_bar(small_runs, monkeypatch, tmp_path, capsys):
+    """Their first build prints its lines before training starts, not onto step 1's progress bar."""
+    import tqdm
+
+    from dvp_fast.ops import _cpp_loader
+
+    monkeypatch.setenv("DVP_FAST_CACHE", str(tmp_path / "cache"))
+    argv = ["--max-steps", "1", *[a for a in FAST if a != "--no-progress"]]
+    assert train.main(["--out", str(tmp_path / "warm-up"), *argv]) == 0  # the normaliser S is cached now
+    events, real_status, real_tqdm = [], _cpp_loader.status, tqdm.tqdm
+
+    class Progress(real_tqdm):
+        def __init__(self, *args, **kwargs):
+            events.append("progress bar")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(_cpp_loader, "status", lambda: (events.append("cpp"), real_status())[1])
+    monkeypatch.setattr(tqdm, "tqdm", Progress)
+    assert train.main(["--out", str(tmp_path / "run"), *argv]) == 0
+    assert events.index("cpp") < events.index("progress bar"), events[:5]
+    capsys.readouterr()
+
+
 def test_a_failed_checkpoint_write_keeps_the_previous_one(small_runs, monkeypatch, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert train.main(["--out", out, "--max-steps", "1", *FAST]) == 0
