@@ -460,6 +460,61 @@ def _lock_run_folder(folder: str):
     return f
 
 
+class _NewRunFolder:
+    """The run folder as this run found it: a run that created it and fails before its first
+    checkpoint removes it again with what it put there (.lock, config.json, an empty
+    metrics.csv, an empty samples/), so a failed start leaves nothing behind. Anything else in
+    it (a checkpoint, a metrics row, a sample, a file of someone else's) keeps it all."""
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(folder)
+        self.ours = (".lock", "config.json", "config.json.tmp", "metrics.csv", "metrics.csv.tmp", "samples",
+                     f".write_test{os.getpid()}")
+        self.checkpointed = False
+        self.created = []  # the folders os.makedirs will create, deepest first; empty: it existed
+        path = self.folder
+        while not os.path.lexists(path) and os.path.dirname(path) != path:
+            self.created.append(path)
+            path = os.path.dirname(path)
+
+    def _unused(self) -> bool:
+        try:
+            entries = os.listdir(self.folder)
+            if not set(entries) <= set(self.ours):
+                return False
+            if "samples" in entries and os.listdir(os.path.join(self.folder, "samples")):
+                return False
+            if "metrics.csv" in entries:
+                with open(os.path.join(self.folder, "metrics.csv"), newline="") as f:
+                    if sum(1 for _ in csv.reader(f)) > 1:
+                        return False  # a row beyond the header
+        except OSError:
+            return False
+        return True
+
+    def remove(self) -> None:
+        """Undo the folder's creation if the run got no checkpoint and left nothing of value there."""
+        if not self.created or self.checkpointed or not os.path.isdir(self.folder) or not self._unused():
+            return
+        try:
+            for name in self.ours:
+                path = os.path.join(self.folder, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+            for folder in self.created:  # rmdir never removes a folder that is not empty
+                os.rmdir(folder)
+        except OSError:
+            pass
+
+    def exit(self, exc_type, exc, tb) -> bool:
+        """ExitStack.push callback: remove() when the run fails, never swallow the error."""
+        if exc_type is not None:
+            self.remove()
+        return False
+
+
 def _load_resume(path: str) -> dict:
     """The training checkpoint at `path`, or an error that says how to go on without it."""
     try:
@@ -537,9 +592,15 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     tcfg = train_preset(args.preset, **overrides)
     mcfg = model_preset(args.preset)
     out = args.out or os.path.join("runs", f"{args.preset}-{args.data}")
+    new_folder = _NewRunFolder(out)
     if is_main:
-        _check_writable(out)
+        try:
+            _check_writable(out)
+        except OSError:
+            new_folder.remove()
+            raise
         stack.enter_context(_lock_run_folder(out))
+        stack.push(new_folder.exit)  # runs before the lock is released
         for name in remove_stale_temporaries(out):
             print(f"dvp-train: removed {name}, left by an interrupted checkpoint write", file=sys.stderr)
     if tcfg.batch_size % world:
@@ -613,6 +674,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
         except OSError as exc:
             raise OSError(exc.errno, f"{exc.strerror or exc}; training stopped at step {step}; re-run the same "
                                      f"command to resume from the last checkpoint") from exc
+        new_folder.checkpointed = True
 
     progress = None
     if is_main and not args.no_progress:

@@ -380,6 +380,40 @@ def test_a_nearly_full_disk_is_refused_before_training(small_runs, monkeypatch, 
     assert not os.path.exists(os.path.join(out, "metrics.csv"))
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(small_runs, monkeypatch, tmp_path, capsys):
+    out = tmp_path / "runs" / "x"  # neither runs/ nor runs/x exists yet
+    assert train.main(["--preset", "cifar10", "--out", str(out), "--max-steps", "1", *FAST]) == 2
+    assert "expects (3, 32, 32)" in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+    calls = []
+    real_step = train.Trainer.step
+
+    def step_then_fail(self, x, fail_at):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("boom")
+        return real_step(self, x)
+
+    # config.json, metrics.csv (a header only) and .lock are written by then: all removed
+    monkeypatch.setattr(train.Trainer, "step", lambda self, x: step_then_fail(self, x, 1))
+    assert train.main(["--out", str(out), "--max-steps", "3", *FAST]) == 2
+    assert "boom" in one_error_line(capsys) and calls and not (tmp_path / "runs").exists()
+
+    mine = tmp_path / "mine"  # a folder that existed before the run: nothing of it is deleted
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    calls.clear()
+    assert train.main(["--out", str(mine), "--max-steps", "3", *FAST]) == 2
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "config.json").exists()
+
+    calls.clear()  # after a checkpoint everything stays
+    monkeypatch.setattr(train.Trainer, "step", lambda self, x: step_then_fail(self, x, 2))
+    assert train.main(["--out", str(out), "--max-steps", "3", "--checkpoint-every", "1", *FAST]) == 2
+    assert {"last.pt", "config.json", "metrics.csv"} <= set(os.listdir(out))
+    capsys.readouterr()
+
+
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ kernels are not available here")
 def test_the_cpp_kernels_are_loaded_before_the_progress_bar(small_runs, monkeypatch, tmp_path, capsys):
     """Their first build prints its lines before training starts, not onto step 1's progress bar."""
