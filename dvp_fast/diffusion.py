@@ -92,8 +92,9 @@ class DiffusionPrior(nn.Module):
         alpha_t, alpha_s = torch.sigmoid(-g_t).sqrt(), torch.sigmoid(-g_s).sqrt()
         var_t, var_s = torch.sigmoid(g_t), torch.sigmoid(g_s)
         if sampler == "ancestral":
-            # sigma^2_{t|s} = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 = sigma_t^2 (1 - e^{gamma_s - gamma_t})
-            var_ts = -torch.expm1(F.softplus(g_s) - F.softplus(g_t)) * var_t
+            # Variance preserving: sigma^2 = 1 - alpha^2, so sigma^2_{t|s} = sigma_t^2 - alpha_{t|s}^2 sigma_s^2
+            # = 1 - alpha_{t|s}^2, with alpha_{t|s}^2 = alpha_t^2 / alpha_s^2 = e^{softplus(g_s) - softplus(g_t)}.
+            var_ts = -torch.expm1(F.softplus(g_s) - F.softplus(g_t))
             coef_z = (alpha_t / alpha_s) * var_s / var_t
             coef_x = alpha_s * var_ts / var_t
             std = torch.sqrt(var_ts * var_s / var_t)
