@@ -183,6 +183,16 @@ class DVPVAE(nn.Module):
     def num_latents(self) -> int:
         return self.config.num_latents
 
+    @torch.no_grad()
+    def project_parameters_(self) -> None:
+        """Put range-constrained parameters back into range (call after each optimiser step).
+
+        Today that is r(u|x)'s log-variance, clamped to [pseudoinput_logvar_min, _max] as the
+        reference does; the forward pass already uses the clamped value either way.
+        """
+        if self.pseudo is not None:
+            self.pseudo.project_()
+
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
@@ -367,10 +377,11 @@ class DVPVAE(nn.Module):
         return dml_log_prob(target, params, cfg.num_mix)
 
     def params_to_images(self, params: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Bernoulli: the mean image; DML: an 8-bit sample. Both in [-1, 1]."""
+        """Bernoulli: the mean image; DML: an 8-bit sample whose logistic variance is times
+        `temperature` (its scale times sqrt(temperature)). Both in [-1, 1]."""
         if self.config.likelihood == "bernoulli":
             return torch.sigmoid(params.float()) * 2.0 - 1.0
-        return dml_sample(params, temperature, self.config.num_mix)
+        return dml_sample(params, math.sqrt(temperature), self.config.num_mix)
 
     # --- public API -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> DVPOutput:
@@ -434,15 +445,16 @@ class DVPVAE(nn.Module):
         if self.vamp is not None:
             pick = torch.randint(0, self.config.num_pseudoinputs, (batch,), device=self.device)
         zs = (prior_pass or self._top_down_prior)(cond, self._prior_noises(batch), temperature, pick)
-        return self.params_to_images(self.likelihood_params(zs))
+        return self.params_to_images(self.likelihood_params(zs), temperature)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, steps: int | None = None, compile: bool = False,
                sampler: str = "ancestral") -> torch.Tensor:
         """n images (n, C, D, D) in [-1, 1]: u from its prior in `steps` steps, then the decoder.
 
-        `temperature` multiplies the variance of every latent, u's sampler included. Bernoulli
-        models return the mean image, DML models an 8-bit sample. `sampler="ddim"` is the
+        `temperature` multiplies the variance of every latent, u's sampler included, and of a
+        DML head's logistics (0 gives the prior means all the way down). Bernoulli models
+        return the mean image, DML models an 8-bit sample. `sampler="ddim"` is the
         deterministic respaced sampler for few steps. `compile=True` captures the whole sampler
         as one CUDA graph on a GPU (cached per n, steps, temperature and sampler), and uses
         torch.compile for the diffusion step and the decoder elsewhere; the first call pays

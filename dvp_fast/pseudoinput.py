@@ -52,7 +52,21 @@ class PseudoInput(nn.Module):
 
     # --- r(u | x) ---------------------------------------------------------------------------------
     def clamped_logvar(self) -> torch.Tensor:
-        return self.logvar.clamp(*self.logvar_range).expand(1, *self.shape)
+        """The log-variance put into range, with the gradient passed straight through.
+
+        The reference clamps the parameter itself before each use (a projection), so a value
+        that leaves [min, max] still gets a gradient; a clamp inside the graph would give it
+        none and it would stay out for good. `project_` is the projection proper (dvp-train
+        calls it after every optimiser step); the straight-through clamp here keeps a loop
+        that never calls it both in range and trainable.
+        """
+        lv = self.logvar
+        return (lv + (lv.clamp(*self.logvar_range) - lv).detach()).expand(1, *self.shape)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Put the log-variance parameter back into its range, in place."""
+        self.logvar.clamp_(*self.logvar_range)
 
     def sample(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, eps): u = mean + e^{logvar / 2} eps by reparameterisation."""

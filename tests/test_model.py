@@ -275,3 +275,29 @@ def test_residual_blocks_keep_their_parameter_names():
     assert [k for k in dec.state_dict()] == ([f"net.{i}.{p}" for i in (0, 2, 4, 6) for p in ("weight", "bias")]
                                              + ["skip.weight", "skip.bias"])
     assert dec.net[6].silu_input and not dec.net[0].silu_input
+
+
+@pytest.mark.parametrize("logvar", ["shared", "per_element"])
+def test_r_logvar_outside_its_range_still_gets_a_gradient_and_is_projected_back(logvar):
+    """The reference projects r(u|x)'s log-variance into [-12, -5] (clamps the parameter itself),
+    so a value that left the range keeps a gradient; a clamp inside the graph would give it none."""
+    from dvp_fast.config import train_preset
+    from dvp_fast.train import Trainer
+
+    torch.manual_seed(0)
+    model = DVPVAE.from_preset("mnist", num_ch=8, latent_scales=(1, 1), pseudoinput_logvar=logvar)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    for outside, inside in ((-20.0, -12.0), (3.0, -5.0)):
+        with torch.no_grad():
+            model.pseudo.logvar.fill_(outside)
+        model.zero_grad()
+        model(x).loss.backward()
+        grad = model.pseudo.logvar.grad
+        assert torch.isfinite(grad).all() and (grad != 0).all(), grad
+        # The forward pass used the value in range.
+        assert torch.equal(model.pseudo.clamped_logvar(), torch.full((1, 1, 7, 7), inside))
+    trainer = Trainer(model, train_preset("mnist", batch_size=4), steps_per_epoch=1)
+    with torch.no_grad():
+        model.pseudo.logvar.fill_(-20.0)
+    trainer.step(x)
+    assert (model.pseudo.logvar >= -12.0).all() and (model.pseudo.logvar <= -5.0).all()
