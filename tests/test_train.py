@@ -117,18 +117,28 @@ def test_bf16_and_compiled_steps_match_the_eager_fp32_step():
 
 @pytest.mark.parametrize("one_kernel", [True, False])
 def test_ema_update_is_the_exponential_average(monkeypatch, one_kernel):
+    """The average after each update, against a float64 recursion with the warm-up written out:
+    decay_n = min(decay, (1 + n) / (10 + n)) after n applied (not skipped) updates."""
     import dvp_fast.train as train_mod
 
     monkeypatch.setattr(train_mod, "_FOREACH_LERP_TAKES_A_TENSOR", one_kernel and train_mod._FOREACH_LERP_TAKES_A_TENSOR)
     model = torch.nn.Linear(3, 2)
     ema = train_mod.EMA(model, decay=0.9)
-    start = [p.detach().clone() for p in ema.model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    ema.update(torch.tensor(1.0))
-    for e, s, p in zip(ema.model.parameters(), start, model.parameters()):
-        torch.testing.assert_close(e, 0.9 * s + 0.1 * p)
-    before = [p.detach().clone() for p in ema.model.parameters()]
-    ema.update(torch.tensor(0.0))  # a skipped step leaves the average alone
-    assert all(torch.equal(a, b) for a, b in zip(before, ema.model.parameters()))
+    expected = [p.detach().double().clone() for p in ema.model.parameters()]
+    applied = 0
+    for i in range(100):  # the warm-up reaches 0.9 after 80 updates
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        skip = i % 7 == 3
+        before = [p.detach().clone() for p in ema.model.parameters()]
+        ema.update(torch.tensor(0.0 if skip else 1.0))
+        if skip:  # a skipped step leaves the average alone, and does not advance the warm-up
+            assert all(torch.equal(a, b) for a, b in zip(before, ema.model.parameters()))
+            continue
+        decay = min(0.9, (1 + applied) / (10 + applied))
+        applied += 1
+        expected = [decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, model.parameters())]
+        for e, got in zip(expected, ema.model.parameters()):
+            torch.testing.assert_close(got.double(), e, rtol=1e-5, atol=1e-6)
+    assert applied > 80 and float(ema.current_decay()) == pytest.approx(0.9)
