@@ -36,6 +36,16 @@ def device_for(backend: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def backends_implementing(op: str) -> list[str]:
+    """The backends to generate `op`'s cases for: each one with a kernel for `op`, and each one not
+    available here (the `backend` fixture skips those, saying so). A backend that has no kernel for
+    `op` (Triton for conv1x1) gets no case at all. Asking imports, and so registers, the backends."""
+    from dvp_fast import ops
+    from dvp_fast.ops import _backend
+
+    return [b for b in ALL_BACKENDS if not ops.backend_available(b) or _backend.implements(op, b)]
+
+
 def skip_unless_implemented(backend: str, op: str) -> None:
     from dvp_fast.ops import _backend
 

@@ -11,9 +11,17 @@ import torch.nn.functional as F
 
 from dvp_fast import ops
 from dvp_fast.ops import _backend
-from helpers import as_float64, assert_close, device_for, skip_unless_implemented
+from helpers import as_float64, assert_close, backends_implementing, device_for
 
 pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
+
+
+@pytest.fixture(params=backends_implementing("conv1x1"))
+def backend(request):
+    """conftest's `backend`, over the backends with a conv1x1 kernel only (Triton has none: cuDNN's job)."""
+    if not ops.backend_available(request.param):
+        pytest.skip(f"backend {request.param!r} is not available here")
+    return request.param
 
 # Largest error relative to the largest expected magnitude, per input dtype.
 TOL = {torch.float32: 3e-5, torch.bfloat16: 1.6e-2}
@@ -53,7 +61,6 @@ def forward_backward(backend, x, weight, bias, silu, g):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_conv1x1_matches_the_oracle_and_the_fallback(backend, shape, dtype, silu, bias):
-    skip_unless_implemented(backend, "conv1x1")
     device = device_for(backend)
     x, weight, b = (None if t is None else t.to(device) for t in inputs(shape, dtype, bias))
     g = torch.randn(shape[0], shape[2], shape[3], shape[4]).to(device)
@@ -76,7 +83,6 @@ def test_conv1x1_matches_the_oracle_and_the_fallback(backend, shape, dtype, silu
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True)],
                          ids=["x_only", "weights_only", "bias_only"])
 def test_only_the_gradients_asked_for(backend, needs):
-    skip_unless_implemented(backend, "conv1x1")
     x, weight, b = (t.to(device_for(backend)) for t in inputs((3, 4, 5, 6, 6), torch.float32))
     leaves = [t.detach().clone().requires_grad_(need) for t, need in zip((x, weight, b), needs)]
     y = ops.conv1x1(*leaves, silu=True, backend=backend)
@@ -90,7 +96,6 @@ def test_only_the_gradients_asked_for(backend, needs):
 
 
 def test_no_grad_path_matches(backend):
-    skip_unless_implemented(backend, "conv1x1")
     x, weight, b = (t.to(device_for(backend)) for t in inputs((4, 6, 3, 9, 9), torch.float32))
     with torch.no_grad():
         y = ops.conv1x1(x, weight, b, silu=True, backend=backend)
@@ -100,7 +105,6 @@ def test_no_grad_path_matches(backend):
 def test_autocast_casts_like_conv2d(backend):
     """Under CPU autocast (bfloat16) the op returns what F.conv2d returns: the bfloat16 convolution of the
     bfloat16-rounded inputs, with float32 gradients for float32 weights."""
-    skip_unless_implemented(backend, "conv1x1")
     if device_for(backend) != "cpu":
         pytest.skip("CPU autocast")
     x, weight, b = inputs((2, 8, 4, 5, 5), torch.float32)
@@ -141,7 +145,6 @@ def test_triton_override_keeps_the_fallback_for_ops_it_has_no_kernel_for():
 
 
 def test_an_empty_batch_gives_empty_outputs_and_zero_weight_gradients(backend):
-    skip_unless_implemented(backend, "conv1x1")
     x, weight, b = (t.to(device_for(backend)).requires_grad_() for t in inputs((1, 3, 5, 4, 4), torch.float32))
     x_empty = x.detach()[:0].requires_grad_()
     y = ops.conv1x1(x_empty, weight, b, silu=True, backend=backend)

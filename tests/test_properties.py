@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dvp_fast import ops
+from dvp_fast.ops import _backend
 from dvp_fast.ops.dct import dct_scale_bound
 from helpers import device_for
 
@@ -195,7 +196,7 @@ def test_dml_sample_stays_on_the_pixel_grid_for_extreme_parameters(backend, seed
 
 
 # --- conv1x1 --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # no Triton kernel: cuDNN's job
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if _backend.implements("conv1x1", b)])  # not Triton: cuDNN's
 @SETTINGS
 @given(seed=seeds, batch=st.integers(1, 3), cin=st.integers(1, 9), cout=st.integers(1, 9), side=st.integers(1, 50),
        silu=st.booleans(), dtype=st.sampled_from(DTYPES), fraction=fractions)
