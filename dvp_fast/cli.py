@@ -81,6 +81,14 @@ def _positive(kind):
     return parse
 
 
+def _progress(args, total: int, desc: str, unit: str):
+    """A tqdm bar on stderr with the time left (or a silent stand-in with --no-progress)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=total >= 10_000, dynamic_ncols=True, file=sys.stderr,
+                disable=args.no_progress, mininterval=1.0)
+
+
 # --- dvp-sample -------------------------------------------------------------------------------------
 def sample(args: argparse.Namespace) -> None:
     device = _device(args.device)
@@ -91,7 +99,13 @@ def sample(args: argparse.Namespace) -> None:
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"output folder does not exist: {out_dir}")
     start = time.perf_counter()
-    images = model.sample(args.n, temperature=args.temperature, steps=args.steps)
+    chunks = []
+    with _progress(args, total=args.n, desc="dvp-sample", unit="image") as bar:
+        for first in range(0, args.n, args.batch_size):
+            k = min(args.batch_size, args.n - first)
+            chunks.append(model.sample(k, temperature=args.temperature, steps=args.steps))
+            bar.update(k)
+    images = torch.cat(chunks)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -111,8 +125,10 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--nrow", type=_positive(int), default=None, help="images per grid row")
     p.add_argument("--save-tensor", action="store_true", help="also save the raw (n, C, H, W) tensor as .pt")
+    p.add_argument("--batch-size", type=_positive(int), default=500, help="images drawn at once")
     p.add_argument("--raw-weights", action="store_true", help="use the training weights, not their EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     if not 0 <= args.temperature < math.inf:
@@ -143,11 +159,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     batches = datasets.DeviceBatches(images, min(args.batch_size, images.shape[0]), device, shuffle=False,
                                      drop_last=False)
-    with torch.no_grad():
+    model.validate_inputs = False  # uint8 data converted on the device is in range by construction
+    n = images.shape[0]
+    bar = _progress(args, total=n * args.num_samples, desc="dvp-eval IWAE", unit="draw")
+    with torch.no_grad(), bar:
         for x in batches.batches(0):
             neg_elbo += (-model(x).elbo).sum().item()
-            nll += model.nll(x, num_samples=args.num_samples).sum().item()
-    n = images.shape[0]
+            nll += model.nll(x, num_samples=args.num_samples, progress=bar.update).sum().item()
     au = model.active_units(images.to(device).float() / 127.5 - 1.0, batch_size=args.batch_size)
     result = dict(images=n, neg_elbo=neg_elbo / n, nll=nll / n, active_units=au,
                   seconds=time.perf_counter() - start)
@@ -172,5 +190,6 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw-weights", action="store_true", help="use the training weights, not their EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return _run("dvp-eval", evaluate, p.parse_args(argv))

@@ -519,12 +519,15 @@ class DVPVAE(nn.Module):
         return log_w + td.log_ratio.sum(1) + self.log_likelihood(target, self.likelihood_params(td.z))
 
     @torch.no_grad()
-    def nll(self, x: torch.Tensor, num_samples: int = 1000, max_rows: int = 4096) -> torch.Tensor:
+    def nll(self, x: torch.Tensor, num_samples: int = 1000, max_rows: int = 4096, progress=None) -> torch.Tensor:
         """Importance-weighted (IWAE) estimate of -log p(x), (B,) nats.
 
         Each image is binarised once (Bernoulli) and encoded once (the encoder and f(x) are
         deterministic); `num_samples` draws of (u, z) are then processed in chunks of at most
-        `max_rows` rows, with a streaming logsumexp on the device.
+        `max_rows` rows, with a streaming logsumexp on the device. `progress(rows)`, if given,
+        is called after each chunk with the number of (image, draw) rows it held.
+        Cost: about 8 ms per row on two CPU cores for the mnist preset, so 1000 draws of 64
+        images take about 9 minutes there; `bench/` measures it per device.
         """
         self._check_images(x)
         num_samples = _positive_int("num_samples", num_samples)
@@ -540,6 +543,8 @@ class DVPVAE(nn.Module):
             rep = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # rows b*k..b*k+k-1: image b
             log_w = self._log_weights([rep(f) for f in feats], rep(y), rep(target)).view(batch, k)
             running = torch.logaddexp(running, torch.logsumexp(log_w, dim=1))
+            if progress is not None:
+                progress(batch * k)
         return -(running - math.log(num_samples))
 
     @torch.no_grad()

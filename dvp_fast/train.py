@@ -589,6 +589,16 @@ def _load_data(args, cfg: DVPConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return train, val
 
 
+def _summary_line(step: int, steps_per_epoch: int, seconds: float, train: tuple[float, int], last_eval: dict,
+                  best: float, best_step: int | None, skipped: int) -> str:
+    """The end-of-run line: steps and time, then training and validation loss, both in bits/dim."""
+    best_text = f"best {best:.4f} at step {best_step}" if best_step is not None else f"best {best:.4f}"
+    skipped_text = f", {skipped} skipped as non-finite" if skipped else ""
+    return (f"done: {step} steps ({step / steps_per_epoch:.1f} epochs) in {seconds:.0f} s{skipped_text}; loss in "
+            f"bits/dim: training {train[0]:.4f} (mean of the last {train[1]} steps), validation "
+            f"{last_eval['val_loss']:.4f} ({best_text}); {last_eval['active_units']:.0%} active units")
+
+
 def run(args) -> dict:
     with contextlib.ExitStack() as stack:
         return _run(args, stack)
@@ -661,12 +671,12 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     trainer = Trainer(model, tcfg, steps_per_epoch, args.precision, ddp)
     trainer.ema.model.validate_inputs = False
 
-    step, epoch, batch_index, best = 0, 0, 0, math.inf
+    step, epoch, batch_index, best, best_step = 0, 0, 0, math.inf, None
     if resume is not None:
         model.load_state_dict(resume["model"])
         trainer.load_state_dict(resume["trainer"])
         step, epoch, batch_index = resume["step"], resume["epoch"], resume["batch_index"]
-        best = resume.get("best_val_loss", math.inf)
+        best, best_step = resume.get("best_val_loss", math.inf), resume.get("best_step")
         if rank == 0:
             set_rng_state(resume["rng"])
         else:
@@ -682,7 +692,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     def checkpoint(path: str, position: tuple[int, int]) -> None:
         payload = dict(model_config=mcfg.to_dict(), train_config=tcfg.to_dict(), run=dict(data=args.data),
                        model=model.state_dict(), trainer=trainer.state_dict(), step=step, epoch=position[0],
-                       batch_index=position[1], best_val_loss=best, rng=rng_state(),
+                       batch_index=position[1], best_val_loss=best, best_step=best_step, rng=rng_state(),
                        ema=trainer.ema.model.state_dict())
         try:
             save_checkpoint(payload, path)
@@ -704,6 +714,10 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     started, t_interval, step_interval = time.time(), time.perf_counter(), step
     model.train()
     summary = {}
+    last_train = (math.nan, 0)  # (mean training loss in bits/dim, steps it is the mean of)
+    if step >= total_steps and is_main:
+        print(f"dvp-train: {out} has already trained {step} steps, as many as asked for ({total_steps}); nothing to "
+              f"do (a larger --epochs or --max-steps trains on from there)", flush=True)
     while step < total_steps:
         for x in batches.batches(epoch, start=batch_index):
             if world > 1:
@@ -716,6 +730,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
             row = None
             if step % args.log_every == 0 or done:
                 m = trainer.read_metrics()
+                last_train = (m["loss"], step - step_interval)
                 elapsed = time.perf_counter() - t_interval
                 ips = (step - step_interval) * tcfg.batch_size / max(elapsed, 1e-9)
                 t_interval, step_interval = time.perf_counter(), step
@@ -741,7 +756,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
                 row = {**(row or dict(step=step, epoch=step / steps_per_epoch)), **ev}
                 summary = ev
                 if ev["val_loss"] < best:
-                    best = ev["val_loss"]
+                    best, best_step = ev["val_loss"], step
                     checkpoint(os.path.join(out, BEST), position)
             if is_main and row is not None:
                 metrics.append(row)
@@ -761,12 +776,11 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     if progress is not None:
         progress.close()
     skipped = int(trainer.state.skipped.item())
-    result = dict(steps=step, best_val_loss=best, out=out, skipped=skipped, **summary)
-    if is_main:
-        best_text = f"{best:.4f} bits/dim" if math.isfinite(best) else "none finite"
-        print(f"dvp-train: done: {step} steps in {time.time() - started:.1f} s ({skipped} skipped as non-finite); "
-              f"best validation {best_text}; last: {summary.get('val_elbo', float('nan')):.2f} nats ELBO, "
-              f"{summary.get('active_units', float('nan')):.1%} active units; checkpoints in {out}", flush=True)
+    result = dict(steps=step, best_val_loss=best, out=out, skipped=skipped, train_loss=last_train[0], **summary)
+    if is_main and "val_loss" in summary:
+        line = _summary_line(step, steps_per_epoch, time.time() - started, last_train, summary, best, best_step,
+                             skipped)
+        print(f"dvp-train: {line}; checkpoints in {out} ({BEST}, {LAST})", flush=True)
     if world > 1:
         dist.barrier()
     return result

@@ -50,3 +50,31 @@ def test_eval_rejects_a_corrupt_checkpoint(tmp_path, capsys):
     assert eval_main(["--checkpoint", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "best.pt" in err and "\n" not in err
+
+
+def test_eval_shows_progress_with_the_time_left(run_dir, capsys):
+    assert eval_main(["--checkpoint", run_dir, "--num-samples", "5", "--limit", "6", "--batch-size", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "dvp-eval IWAE" in err and "100%" in err and "30/30" in err  # 6 images x 5 draws, with tqdm's ETA
+
+
+def test_sample_shows_progress_and_draws_in_batches(run_dir, tmp_path, capsys):
+    png = tmp_path / "g.png"
+    assert sample_main(["--checkpoint", run_dir, "--n", "5", "--batch-size", "2", "--out", str(png), "--steps", "2",
+                        "--save-tensor"]) == 0
+    assert torch.load(tmp_path / "g.pt").shape == (5, 1, 28, 28)
+    assert "5/5" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_says_there_is_nothing_to_do(run_dir, capsys):
+    assert train_main(["--out", run_dir, "--max-steps", "2", "--batch-size", "50", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already trained 2 steps" in out and "nan" not in out
+
+
+def test_the_end_of_run_line_gives_both_losses_in_bits_per_dim():
+    from dvp_fast.train import _summary_line
+
+    line = _summary_line(160, 16, 151.2, (0.2031, 10), dict(val_loss=0.2107, active_units=0.93), 0.2101, 150, 0)
+    assert line == ("done: 160 steps (10.0 epochs) in 151 s; loss in bits/dim: training 0.2031 (mean of the last 10 "
+                    "steps), validation 0.2107 (best 0.2101 at step 150); 93% active units")
