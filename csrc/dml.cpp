@@ -1,5 +1,7 @@
-// Discretized mixture of logistics (PixelCNN++) log-likelihood of 8-bit RGB images, forward and
-// gradient in one pass over `params`, and sampling. Layout and semantics as dvp_fast/ops/dml.py:
+// Discretized mixture of logistics log-likelihood of 8-bit RGB images in the reference form of
+// dvp_fast/ops/dml.py (log-scales hard-clamped to [-8, 1], interior bins log(max(mass, 1e-10)), the
+// first and last level the whole tail), forward and gradient in one pass over `params`, and
+// sampling. Layout and semantics as dvp_fast/ops/dml.py:
 //   params (B, M (3C + 1), H, W): M logits, then for each colour c a block of 3M channels holding
 //   means [0, M), raw log-scales [M, 2M) and raw coupling coefficients [2M, 3M).
 // One task is (image b, chunk of kPix pixels). Inside a task the loops run along the pixels,
@@ -13,46 +15,43 @@ namespace {
 constexpr int64_t kPix = 64;             // pixels per task (32 and 128 measured slower)
 constexpr float kHalfBin = 1.0f / 255.0f;
 constexpr float kEdge = 0.999f;          // |x| above this is the first or last level
-constexpr float kMassFloor = 1e-5f;      // below: density at the bin centre times the bin width
-constexpr float kLogScaleMin = -7.0f;
-constexpr float kLogHalfLevels = 4.848116364598481f;  // log 127.5
+constexpr float kMassFloor = 1e-10f;     // interior bins: log(max(mass, floor)), no gradient below it
+constexpr float kLogScaleMin = -8.0f;    // log-scales are hard-clamped to [min, max]
+constexpr float kLogScaleMax = 1.0f;
 
 // log P(bin of x) for one logistic (mean mu, raw log-scale lsr) and, when kGrad, its derivatives
-// with respect to the centred value v = x - mu and to lsr. All three cases (edge bins, interior,
-// mass-floor fallback) are computed and selected without branches, so calling loops vectorise;
-// the cases share one logarithm.
+// with respect to the centred value v = x - mu and to lsr. All three cases (left edge, right edge,
+// interior with the mass floor) are computed and selected without branches, so calling loops
+// vectorise; the cases share one logarithm.
 template <bool kGrad>
 DVP_INLINE void bin_logprob(float x, float mu, float lsr, float& lp, float& dv, float& dls) {
-  const float ls = vmax(lsr, kLogScaleMin);
+  const float ls = vmin(vmax(lsr, kLogScaleMin), kLogScaleMax);
   const float inv = fexp(-ls), v = x - mu;
-  const float plus = inv * (v + kHalfBin), minus = inv * (v - kHalfBin), mid = inv * v;
-  const float ep = fexp(-std::fabs(plus)), em = fexp(-std::fabs(minus)), ec = fexp(-std::fabs(mid));
+  const float plus = inv * (v + kHalfBin), minus = inv * (v - kHalfBin);
+  const float ep = fexp(-std::fabs(plus)), em = fexp(-std::fabs(minus));
   const float sp = ep / (1.0f + ep), sm = em / (1.0f + em);  // sigmoid(-|plus|), sigmoid(-|minus|)
   // sigmoid(plus) - sigmoid(minus) from the small tail sides: no cancellation when the bin lies
   // far in one tail.
   const float mass = minus >= 0.0f ? sm - sp : (plus <= 0.0f ? sp - sm : (1.0f - sp) - sm);
   const bool left = x < -kEdge, right = x > kEdge, edge = left || right;
-  const bool interior = !edge && mass > kMassFloor, fallback = !edge && !interior;
-  // Edges: log sigmoid(plus) = min(plus, 0) - log(1 + e^-|plus|), and the mirror for minus;
-  // fallback: log pdf(mid) - log 127.5 with softplus(mid) = max(mid, 0) + log(1 + e^-|mid|).
-  const float l = flog(left ? 1.0f + ep : right ? 1.0f + em : interior ? mass : 1.0f + ec);
-  const float lp_fallback = mid - ls - 2.0f * (vmax(mid, 0.0f) + l) - kLogHalfLevels;
-  lp = left ? vmin(plus, 0.0f) - l : right ? -vmax(minus, 0.0f) - l : interior ? l : lp_fallback;
+  const bool interior = !edge && mass > kMassFloor;  // at or below the floor: log(1e-10), no gradient
+  // Edges: log sigmoid(plus) = min(plus, 0) - log(1 + e^-|plus|), and the mirror for minus.
+  const float l = flog(left ? 1.0f + ep : right ? 1.0f + em : vmax(mass, kMassFloor));
+  lp = left ? vmin(plus, 0.0f) - l : right ? -vmax(minus, 0.0f) - l : l;
   if constexpr (kGrad) {
     // (Each select on its own line: GCC does not vectorise selects nested on other predicates.)
-    const float inv_mass = 1.0f / vmax(mass, 1e-30f);
+    const float inv_mass = 1.0f / vmax(mass, kMassFloor);
     const float sig_neg_plus = plus >= 0.0f ? sp : 1.0f - sp;  // d log sigmoid(plus) / d plus
     const float sig_minus = minus >= 0.0f ? 1.0f - sm : sm;    // -d log(1 - sigmoid(minus)) / d minus
-    const float sc = ec / (1.0f + ec);
-    const float one_minus_2sig_mid = mid >= 0.0f ? 2.0f * sc - 1.0f : 1.0f - 2.0f * sc;
     const float g_plus_in = interior ? sp * (1.0f - sp) * inv_mass : 0.0f;
     const float g_minus_in = interior ? -sm * (1.0f - sm) * inv_mass : 0.0f;
     const float g_plus = left ? sig_neg_plus : g_plus_in;
     const float g_minus = right ? -sig_minus : g_minus_in;
-    const float g_mid = fallback ? one_minus_2sig_mid : 0.0f;
-    dv = inv * (g_plus + g_minus + g_mid);
-    const float d_ls = -(plus * g_plus + minus * g_minus + mid * g_mid) - (fallback ? 1.0f : 0.0f);
-    dls = lsr > kLogScaleMin ? d_ls : 0.0f;  // the clamp passes no gradient at or below -7
+    dv = inv * (g_plus + g_minus);
+    const float d_ls = -(plus * g_plus + minus * g_minus);
+    // A hard clamp: no gradient outside [min, max], nor on the bounds themselves (as torch.clamp).
+    const bool inside = lsr > kLogScaleMin && lsr < kLogScaleMax;
+    dls = inside ? d_ls : 0.0f;
   }
 }
 
@@ -326,7 +325,7 @@ at::Tensor dml_sample(const at::Tensor& params_in, const at::Tensor& u_mix_in, c
         float v[3], a[3];
         for (int64_t c = 0; c < 3; ++c) {
           const float mean = at_ch(M + c * 3 * M + best);
-          const float ls = vmax(at_ch(M + c * 3 * M + M + best), kLogScaleMin);
+          const float ls = vmin(vmax(at_ch(M + c * 3 * M + M + best), kLogScaleMin), kLogScaleMax);
           a[c] = std::tanh(at_ch(M + c * 3 * M + 2 * M + best));
           const float u = unit(ul[(b * 3 + c) * P + p]);
           v[c] = mean + temp * std::exp(ls) * (std::log(u) - std::log1p(-u));

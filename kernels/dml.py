@@ -1,4 +1,6 @@
-"""Triton kernels for the PixelCNN++ discretized mixture of logistics over 8-bit RGB.
+"""Triton kernels for the discretized mixture of logistics over 8-bit RGB, in the reference form of
+dvp_fast/ops/dml.py: log-scales hard-clamped to [-8, 1], interior bins log(max(mass, 1e-10)), the
+first and last level the whole left and right tail.
 
 `params` is (B, 10 M, H, W): channels [0, M) are the mixture logits, then for
 each colour channel ch in (R, G, B) a block of 3 M channels starting at
@@ -15,11 +17,11 @@ import triton
 import triton.language as tl
 
 # tl.constexpr so that @triton.jit functions may read them (the interpreter does not enforce this).
-LOG_SCALE_MIN = tl.constexpr(-7.0)
+LOG_SCALE_MIN = tl.constexpr(-8.0)
+LOG_SCALE_MAX = tl.constexpr(1.0)
 HALF_BIN = tl.constexpr(1.0 / 255.0)
 EDGE = tl.constexpr(0.999)  # |x| above this is the first or last of the 256 levels
-MASS_FLOOR = tl.constexpr(1e-5)
-LOG_HALF_LEVELS = tl.constexpr(4.848116567910079)  # log(127.5): log pdf - this = log(pdf * bin width)
+MASS_FLOOR = tl.constexpr(1e-10)  # interior bins: log(max(mass, MASS_FLOOR)), no gradient below it
 NUM_WARPS = 4
 # Integer arguments are never specialised (a 1-pixel image or a single block would otherwise be a
 # separate variant of Triton's JIT), so `compile_configs` lists every variant.
@@ -39,47 +41,40 @@ def padded_mix(num_mix: int) -> int:
 
 
 @triton.jit
-def _softplus(v):
-    # max(v, 0) + log(1 + e^-|v|): no overflow for large |v|.
-    return tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
-
-
-@triton.jit
 def _bin_log_prob(x, mean, log_scale):
     """log P(bin of x | logistic(mean, e^log_scale)) and its derivatives (d/d mean, d/d log_scale).
 
-    Branches as the fallback: left tail for bin 0, right tail for bin 255, the
-    bin mass elsewhere, and the centre density times the bin width where the
-    mass underflows. Derivatives go through the selected branch only.
+    Branches as the fallback: left tail for bin 0, right tail for bin 255, elsewhere the bin mass
+    floored at MASS_FLOOR (constant, so no derivatives, below it). Derivatives go through the
+    selected branch only. The mass comes from the small tail sides sigmoid(-|plus|) and
+    sigmoid(-|minus|), so a bin far in either tail keeps its digits; the three branches share one log.
     """
     centered = x - mean
     inv_s = tl.exp(-log_scale)
     plus = inv_s * (centered + HALF_BIN)
     minus = inv_s * (centered - HALF_BIN)
-    mid = inv_s * centered
-    s_plus = tl.sigmoid(plus)
-    s_minus = tl.sigmoid(minus)
-    s_mid = tl.sigmoid(mid)
-    mass = s_plus - s_minus
-    use_mass = mass > MASS_FLOOR
-    safe_mass = tl.where(use_mass, mass, 1.0)
-    # Each branch as (log p, d log p / d plus, d / d minus, d / d mid, direct d / d log_scale).
-    lp_mid = tl.where(use_mass, tl.log(safe_mass),
-                      mid - log_scale - 2.0 * _softplus(mid) - LOG_HALF_LEVELS)
-    g_plus = tl.where(use_mass, s_plus * (1.0 - s_plus) / safe_mass, 0.0)
-    g_minus = tl.where(use_mass, -s_minus * (1.0 - s_minus) / safe_mass, 0.0)
-    g_mid = tl.where(use_mass, 0.0, 1.0 - 2.0 * s_mid)
-    g_direct = tl.where(use_mass, 0.0, -1.0)
+    e_plus = tl.exp(-tl.abs(plus))
+    e_minus = tl.exp(-tl.abs(minus))
+    t_plus = e_plus / (1.0 + e_plus)  # sigmoid(-|plus|)
+    t_minus = e_minus / (1.0 + e_minus)  # sigmoid(-|minus|)
+    mass = tl.where(minus >= 0.0, t_minus - t_plus, tl.where(plus <= 0.0, t_plus - t_minus, 1.0 - t_plus - t_minus))
     low = x < -EDGE
     high = x > EDGE
-    lp = tl.where(low, plus - _softplus(plus), tl.where(high, -_softplus(minus), lp_mid))
-    g_plus = tl.where(low, 1.0 - s_plus, tl.where(high, 0.0, g_plus))
-    g_minus = tl.where(low, 0.0, tl.where(high, -s_minus, g_minus))
-    g_mid = tl.where(low | high, 0.0, g_mid)
-    g_direct = tl.where(low | high, 0.0, g_direct)
-    # plus, minus and mid are inv_s * (x - mean + const): d / d mean = -inv_s, d / d log_scale = -self.
-    d_mean = -inv_s * (g_plus + g_minus + g_mid)
-    d_log_scale = g_direct - plus * g_plus - minus * g_minus - mid * g_mid
+    use_mass = mass > MASS_FLOOR
+    # log sigmoid(plus) = min(plus, 0) - log(1 + e^-|plus|) and log(1 - sigmoid(minus)) mirrored.
+    log_arg = tl.where(low, 1.0 + e_plus, tl.where(high, 1.0 + e_minus, tl.maximum(mass, MASS_FLOOR)))
+    log_val = tl.log(log_arg)
+    lp = tl.where(low, tl.minimum(plus, 0.0) - log_val, tl.where(high, -tl.maximum(minus, 0.0) - log_val, log_val))
+    # d log p / d plus and / d minus: sigmoid' / mass inside (sigmoid'(v) = t (1 - t) with t = sigmoid(-|v|)),
+    # 1 - sigmoid(plus) on the left tail, -sigmoid(minus) on the right.
+    inv_mass = 1.0 / tl.where(use_mass, mass, 1.0)
+    g_plus = tl.where(use_mass, t_plus * (1.0 - t_plus) * inv_mass, 0.0)
+    g_minus = tl.where(use_mass, -t_minus * (1.0 - t_minus) * inv_mass, 0.0)
+    g_plus = tl.where(low, tl.where(plus >= 0.0, t_plus, 1.0 - t_plus), tl.where(high, 0.0, g_plus))
+    g_minus = tl.where(low, 0.0, tl.where(high, -tl.where(minus >= 0.0, 1.0 - t_minus, t_minus), g_minus))
+    # plus and minus are inv_s * (x - mean +- HALF_BIN): d / d mean = -inv_s, d / d log_scale = -self.
+    d_mean = -inv_s * (g_plus + g_minus)
+    d_log_scale = -plus * g_plus - minus * g_minus
     return lp, d_mean, d_log_scale
 
 
@@ -101,9 +96,9 @@ def _channel(p_base, ch, x, shift, ks, pix, mask, num_pixels, M: tl.constexpr):
     first = M + 3 * M * ch
     mean = _load_rows(p_base, first, ks, pix, mask, num_pixels) + shift
     raw_ls = _load_rows(p_base, first + M, ks, pix, mask, num_pixels)
-    lp, d_mean, d_ls = _bin_log_prob(x[None, :], mean, tl.maximum(raw_ls, LOG_SCALE_MIN))
-    # torch.clamp(min=) passes the gradient where raw >= min; match it.
-    return lp, d_mean, tl.where(raw_ls >= LOG_SCALE_MIN, d_ls, 0.0)
+    lp, d_mean, d_ls = _bin_log_prob(x[None, :], mean, tl.minimum(tl.maximum(raw_ls, LOG_SCALE_MIN), LOG_SCALE_MAX))
+    # A hard clamp: no gradient outside the range, nor on its bounds (as torch.clamp).
+    return lp, d_mean, tl.where((raw_ls > LOG_SCALE_MIN) & (raw_ls < LOG_SCALE_MAX), d_ls, 0.0)
 
 
 @triton.jit
@@ -242,7 +237,8 @@ def _channel_sample(p_base, ch, chosen, seed, counter, temperature, ks, pix, mas
     """An unclamped logistic draw from the chosen component of one channel (before coupling)."""
     first = M + 3 * M * ch
     mean = _pick(_load_rows(p_base, first, ks, pix, mask, num_pixels), chosen)
-    log_scale = _pick(tl.maximum(_load_rows(p_base, first + M, ks, pix, mask, num_pixels), LOG_SCALE_MIN), chosen)
+    raw_ls = _load_rows(p_base, first + M, ks, pix, mask, num_pixels)
+    log_scale = _pick(tl.minimum(tl.maximum(raw_ls, LOG_SCALE_MIN), LOG_SCALE_MAX), chosen)
     return _logistic(seed, counter, mean, log_scale, temperature)
 
 

@@ -1,7 +1,7 @@
 """The native CPU kernels (backend="cpp"): numerics, determinism, and the build machinery.
 
 Numerics: every op against the PyTorch fallback and against float64 oracles written here from
-the equations (scipy's DCT, the closed-form Gaussian KL, a direct PixelCNN++ likelihood; conv1x1's
+the equations (scipy's DCT, the closed-form Gaussian KL, a direct reference-form DML likelihood; conv1x1's
 oracle is in test_conv1x1.py, which runs every backend), forward and backward with random
 upstream gradients, on odd shapes and edge values, float32 and bfloat16.
 Oracle gradients come from float64 autograd (or scipy for the linear DCT), independent of the
@@ -9,7 +9,6 @@ hand-written backward kernels. Determinism: results are bitwise equal with 1 and
 Build: no compiler, no ninja or no writable cache gives one warning and the fallback; a compile
 error carries the compiler's message; concurrent first builds into one cache do not corrupt it.
 """
-import math
 import os
 import re
 import subprocess
@@ -262,22 +261,21 @@ def test_gaussian_grouped_backward_with_unused_outputs(cpp, nan_filled_allocatio
 
 # ---------------------------------------------------------------------- mixture of logistics
 def oracle_dml(x, params, num_mix):
-    """Direct float64 PixelCNN++ log-likelihood (B,), differentiable by float64 autograd."""
+    """Direct float64 log-likelihood (B,) of the reference form (log-scales hard-clamped to [-8, 1], bin
+    masses floored at 1e-10, log-sigmoid tails at the edge levels), differentiable by float64 autograd."""
     b, _, h, w = params.shape
     m = num_mix
     logits = params[:, :m]
     rest = params[:, m:].reshape(b, 3, 3 * m, h, w)
-    means, log_scales, coeffs = rest[:, :, :m], torch.clamp(rest[:, :, m:2 * m], min=-7.0), torch.tanh(rest[:, :, 2 * m:])
+    means, log_scales = rest[:, :, :m], torch.clamp(rest[:, :, m:2 * m], min=-8.0, max=1.0)
+    coeffs = torch.tanh(rest[:, :, 2 * m:])
     xr, xg, xb = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     mus = [means[:, 0], means[:, 1] + coeffs[:, 0] * xr, means[:, 2] + coeffs[:, 1] * xr + coeffs[:, 2] * xg]
     total = F.log_softmax(logits, dim=1)
     for xc, mu, ls in zip((xr, xg, xb), mus, log_scales.unbind(1)):
         s = torch.exp(ls)
         upper, lower = (xc - mu + 1 / 255) / s, (xc - mu - 1 / 255) / s
-        mass = torch.sigmoid(upper) - torch.sigmoid(lower)
-        centre = (xc - mu) / s
-        log_density_bin = -centre - ls - 2.0 * F.softplus(-centre) + math.log(2 / 255)
-        interior = torch.where(mass > 1e-5, torch.log(mass.clamp(min=1e-300)), log_density_bin)
+        interior = torch.log(torch.clamp(torch.sigmoid(upper) - torch.sigmoid(lower), min=1e-10))
         lp = torch.where(xc < -0.999, F.logsigmoid(upper), torch.where(xc > 0.999, F.logsigmoid(-lower), interior))
         total = total + lp
     return torch.logsumexp(total, dim=1).flatten(1).sum(1)
@@ -290,24 +288,27 @@ def dml_inputs(b, h, w, num_mix, dtype, seed=0):
     x[:, :, -1, :] = 1.0  # ... and level 255 on whole rows
     params = torch.randn(b, 10 * num_mix, h, w, generator=gen)
     rest = params[:, num_mix:].view(b, 3, 3 * num_mix, h, w)
-    rest[:, :, num_mix:2 * num_mix] = torch.empty(b, 3, num_mix, h, w).uniform_(-8.0, 0.5, generator=gen)
-    rest[:, 0, num_mix, 1, :] = -7.0  # exactly on the log-scale clamp: no gradient there
+    rest[:, :, num_mix:2 * num_mix] = torch.empty(b, 3, num_mix, h, w).uniform_(-9.0, 1.5, generator=gen)
+    rest[:, 0, num_mix, 1, :] = -8.0  # exactly on the log-scale clamps: no gradient there
+    rest[:, 1, num_mix, 1, :] = 1.0
     params[:, :num_mix] *= 3.0  # peaked mixture weights
     return x, params.to(dtype)
 
 
 def dml_regimes(x, params, num_mix):
-    """Counts of (left edge, right edge, interior, mass-floor fallback) sub-pixel bins, float64."""
+    """Counts of (left edge, right edge, interior, mass-floor) red sub-pixel bins and of clamped
+    (below -8, above 1) log-scales, float64."""
     b, _, h, w = params.shape
     p = params.double()
     rest = p[:, num_mix:].reshape(b, 3, 3 * num_mix, h, w)
-    ls = rest[:, 0, num_mix:2 * num_mix].clamp(min=-7.0)
+    raw = rest[:, :, num_mix:2 * num_mix]
+    ls = rest[:, 0, num_mix:2 * num_mix].clamp(-8.0, 1.0)
     xr = x[:, 0:1].double()
     mass = torch.sigmoid((xr - rest[:, 0, :num_mix] + 1 / 255) / ls.exp()) - torch.sigmoid(
         (xr - rest[:, 0, :num_mix] - 1 / 255) / ls.exp())
     inner = (xr.abs() < 0.999).expand_as(mass)
-    return [(xr < -0.999).sum().item(), (xr > 0.999).sum().item(), (inner & (mass > 1e-5)).sum().item(),
-            (inner & (mass <= 1e-5)).sum().item()]
+    return [(xr < -0.999).sum().item(), (xr > 0.999).sum().item(), (inner & (mass > 1e-10)).sum().item(),
+            (inner & (mass <= 1e-10)).sum().item(), (raw < -8.0).sum().item(), (raw > 1.0).sum().item()]
 
 
 # Batch 1, MNIST and CIFAR sides, and 5 x 7 (35 pixels: a partial chunk).

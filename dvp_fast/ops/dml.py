@@ -1,18 +1,20 @@
-"""Discretized mixture of logistics (PixelCNN++, Salimans et al. 2017) for 8-bit RGB images.
+"""Discretized mixture of logistics for 8-bit RGB images, in the form of the DVP-VAE authors' reference
+code (its MixtureLogistic256), which the paper's CIFAR10 numbers come from.
 
 Channel layout of `params` (B, M (3C + 1), H, W) with C = 3 and M = num_mix:
   * params[:, :M]                       mixture logits, shared by R, G and B;
   * params[:, M:] viewed as (B, 3, 3M, H, W) and split along dim 2 into
     means [0:M], log-scales [M:2M] and coupling coefficients [2M:3M].
 Coefficients go through tanh; the means are coupled autoregressively,
-mu_G += c0 x_R and mu_B += c1 x_R + c2 x_G; log-scales are clamped below at -7.
-Each sub-pixel's bin [x - 1/255, x + 1/255] gets logistic mass, the two edge bins
-take the whole tail, and where the mass underflows (< 1e-5) the density at the
-bin centre times the bin width (log pdf - log 127.5) is used instead.
+mu_G += c0 x_R and mu_B += c1 x_R + c2 x_G; log-scales are hard-clamped to [-8, 1]
+(no gradient to the raw log-scale outside, as torch.clamp).
+Each sub-pixel's bin [x - 1/255, x + 1/255] gets the log of its logistic mass floored
+at 1e-10 (no gradient where the mass is below the floor); the first and last of the
+256 levels take the whole left and right tail. (PixelCNN++ instead clamps the
+log-scales below at -7 only and uses the density at the bin centre where the mass
+is below 1e-5.)
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +22,11 @@ import torch.nn.functional as F
 from ._backend import choose_backend, implementation, register
 from ._checks import check_floating, check_int, check_same_device
 
-LOG_SCALE_MIN = -7.0
+LOG_SCALE_MIN = -8.0
+LOG_SCALE_MAX = 1.0
 HALF_BIN = 1.0 / 255.0
 EDGE = 0.999  # |x| above this is the first or last of the 256 levels
-MASS_FLOOR = 1e-5
-LOG_HALF_LEVELS = math.log(127.5)
+MASS_FLOOR = 1e-10  # log(max(mass, MASS_FLOOR)) for the interior bins
 
 
 def _check_args(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> None:
@@ -54,7 +56,8 @@ def dml_log_prob(x: torch.Tensor, params: torch.Tensor, num_mix: int = 10, *, ba
 
 def dml_sample(params: torch.Tensor, temperature: float = 1.0, num_mix: int | None = None, *,
                backend: str = "auto") -> torch.Tensor:
-    """An 8-bit image sample (B, 3, H, W) in [-1, 1]; `temperature` scales the logistic noise."""
+    """An 8-bit image sample (B, 3, H, W) in [-1, 1]; `temperature` scales the logistic noise, whose
+    log-scales are clamped to [-8, 1] as in the likelihood."""
     check_floating("dml_sample", "params", params)
     num_mix = params.shape[1] // 10 if num_mix is None else num_mix
     _check_params(params, num_mix, "dml_sample")
@@ -71,7 +74,7 @@ def split_params(params: torch.Tensor, num_mix: int):
     logits = params[:, :num_mix]
     rest = params[:, num_mix:].reshape(b, 3, 3 * num_mix, h, w)
     means = rest[:, :, :num_mix]
-    log_scales = rest[:, :, num_mix:2 * num_mix].clamp(min=LOG_SCALE_MIN)
+    log_scales = rest[:, :, num_mix:2 * num_mix].clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
     coeffs = torch.tanh(rest[:, :, 2 * num_mix:])
     return logits, means, log_scales, coeffs
 
@@ -95,10 +98,14 @@ def dml_log_prob_torch(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> t
     min_in = inv_scale * (centered - HALF_BIN)
     log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid(plus_in): bin 0 takes the left tail
     log_one_minus_cdf_min = -F.softplus(min_in)  # log(1 - sigmoid(min_in)): bin 255 takes the right tail
-    mass = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
-    mid_in = inv_scale * centered
-    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
-    log_mass = torch.where(mass > MASS_FLOOR, torch.log(mass.clamp(min=1e-12)), log_pdf_mid - LOG_HALF_LEVELS)
+    # sigmoid(plus) - sigmoid(minus) from the small tail sides, as the kernels compute it, so that the
+    # mass and its gradient keep their digits far in either tail: sigmoid(-minus) - sigmoid(-plus)
+    # right of the mean, 1 - sigmoid(-plus) - sigmoid(minus) for a bin around it.
+    right, left = min_in > 0.0, plus_in <= 0.0
+    s_u = torch.sigmoid(torch.where(right, -min_in, torch.where(left, plus_in, -plus_in)))
+    s_w = torch.sigmoid(torch.where(right, -plus_in, min_in))
+    mass = torch.where(right | left, s_u - s_w, 1.0 - s_u - s_w)
+    log_mass = torch.log(mass.clamp(min=MASS_FLOOR))
     log_probs = torch.where(x < -EDGE, log_cdf_plus, torch.where(x > EDGE, log_one_minus_cdf_min, log_mass))
     log_probs = log_probs.sum(1) + torch.log_softmax(logits, dim=1)  # (B, M, H, W)
     return torch.logsumexp(log_probs, dim=1).flatten(1).sum(1)
