@@ -242,3 +242,34 @@ def test_grouped_kl_matches_per_layer_fallback(backend):
     _, kl = ops.gaussian_sample_kl_grouped(layers, backend=backend)
     _, kl_fb = ops.gaussian_sample_kl_grouped(layers, backend="torch")
     assert_close(kl, kl_fb, KL_TOL, "grouped kl vs fallback")
+
+
+@pytest.mark.parametrize("used", ["z", "kl"])
+def test_grouped_backward_with_one_output_unused(backend, used):
+    """Backward through only the z outputs (kl unused), or only kl: the gradients equal the fallback's
+    fed the same noise, and are exactly 0 where the used output does not depend on the input
+    (mu_p and logvar_p when only z is used). An unused output's gradient arrives as None and must be
+    replaced by zeros of the output's own shape (kl is (B, L) in the grouped form, not (B,))."""
+    skip_unless_implemented(backend, "gaussian_sample_kl_grouped")
+    dev = device_for(backend)
+    batch = 3
+    layers = [random_inputs((batch, *s), torch.float32, dev, lv_range=(-2.0, 1.0)) for s in LAYER_SHAPES]
+    zs, kl = ops.gaussian_sample_kl_grouped([tuple(layer) for layer in layers], backend=backend)
+    leaves = [t for layer in layers for t in layer]
+    outputs, incoming = (list(zs), [torch.randn_like(z) for z in zs]) if used == "z" else ([kl], [torch.randn_like(kl)])
+    grads = torch.autograd.grad(outputs, leaves, incoming, allow_unused=True)
+    for i, (layer, z) in enumerate(zip(layers, zs)):
+        # The fallback, one layer at a time, fed the noise this backend drew.
+        eps = torch.as_tensor((as_float64(z) - as_float64(layer[0])) * np.exp(-0.5 * as_float64(layer[1])),
+                              dtype=torch.float32, device=dev)
+        fresh = [t.detach().clone().requires_grad_() for t in layer]
+        z_fb, kl_fb = ops.gaussian_sample_kl(*fresh, eps, backend="torch")
+        out_fb, in_fb = (z_fb, incoming[i]) if used == "z" else (kl_fb, incoming[0][:, i])
+        grads_fb = torch.autograd.grad(out_fb, fresh, in_fb, allow_unused=True)
+        for name, g, g_fb in zip(("mu_q", "logvar_q", "mu_p", "logvar_p"), grads[4 * i:4 * i + 4], grads_fb):
+            g = torch.zeros_like(layer[0]) if g is None else g
+            if g_fb is None:  # the used output does not depend on this input
+                assert torch.equal(g, torch.zeros_like(g)), \
+                    f"layer {i} d {name} must be exactly 0 (max |g| = {g.abs().max().item():.3g})"
+            else:
+                assert_close(g, g_fb, 1e-5, f"layer {i} d {name} vs fallback ({used} used only)")

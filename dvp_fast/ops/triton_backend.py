@@ -177,10 +177,14 @@ def idct_pad_triton(u: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Te
 # --------------------------------------------------------------------------------------------------
 # Gaussian sample + KL
 # --------------------------------------------------------------------------------------------------
-def _kl_empty(mu_q, lv_q, mu_p, lv_p, noise, seed, offsets):
+def _kl_shape(mu_q, offsets) -> tuple[int, ...]:
+    """kl is (B,) for one layer, (B, L) for L grouped layers; the backward kernel reads dkl with the same layout."""
     batch = mu_q.shape[0]
-    kl_shape = (batch,) if offsets is None else (batch, offsets.shape[0] - 1)
-    return torch.empty_like(mu_q), mu_q.new_empty(kl_shape, dtype=torch.float32)
+    return (batch,) if offsets is None else (batch, offsets.shape[0] - 1)
+
+
+def _kl_empty(mu_q, lv_q, mu_p, lv_p, noise, seed, offsets):
+    return torch.empty_like(mu_q), mu_q.new_empty(_kl_shape(mu_q, offsets), dtype=torch.float32)
 
 
 def _kl_launch_args(mu_q, noise, seed, offsets):
@@ -218,6 +222,9 @@ def _sample_kl_backward_op(mu_q: torch.Tensor, lv_q: torch.Tensor, mu_p: torch.T
                            noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                            offsets: Optional[torch.Tensor], dz: torch.Tensor, dkl: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if tuple(dkl.shape) != _kl_shape(mu_q, offsets) or dz.shape != mu_q.shape:
+        raise ValueError(f"gaussian_sample_kl_backward: dz {tuple(dz.shape)} / dkl {tuple(dkl.shape)} do not match "
+                         f"z {tuple(mu_q.shape)} / kl {_kl_shape(mu_q, offsets)}")  # the kernel would read out of bounds
     grads = _kl_backward_empty(mu_q, lv_q, mu_p, lv_p, noise, seed, offsets, dz, dkl)
     grid, pointers, num_segments, meta = _kl_launch_args(mu_q, noise, seed, offsets)
     _launch(kl_kernels.sample_kl_bwd_kernel)[grid](mu_q, lv_q, mu_p, lv_p, *pointers, dz, dkl, *grads,
@@ -234,7 +241,8 @@ def _kl_backward(ctx, dz, dkl):
     mu_q, lv_q, mu_p, lv_p, noise, seed, offsets = ctx.saved_tensors
     # An output that took no part in the loss arrives as None.
     dz = torch.zeros_like(mu_q) if dz is None else dz.contiguous()
-    dkl = mu_q.new_zeros(mu_q.shape[0], dtype=torch.float32) if dkl is None else dkl.float().contiguous()
+    # The zeros take kl's own shape: (B, L) when grouped, since the kernel indexes dkl[row, segment].
+    dkl = mu_q.new_zeros(_kl_shape(mu_q, offsets), dtype=torch.float32) if dkl is None else dkl.float().contiguous()
     grads = _sample_kl_backward_op(mu_q, lv_q, mu_p, lv_p, noise, seed, offsets, dz, dkl)
     dnoise = None
     if noise is not None and ctx.needs_input_grad[4]:
