@@ -12,13 +12,29 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace dvp {
+
+// ---------------------------------------------------------------- C++17
+// The sources are C++17: torch's extension builder compiles with -std=c++17 in older torch
+// releases (2.11 among them) and with -std=c++20 in newer ones, and passes the flag itself.
+// std::bit_cast is C++20, hence this memcpy form; GCC and Clang compile a fixed-size memcpy
+// between scalars to a plain register move, so loops using it still vectorise.
+template <typename To, typename From>
+inline __attribute__((always_inline)) To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  static_assert(std::is_trivially_copyable<To>::value && std::is_trivially_copyable<From>::value,
+                "bit_cast: types must be trivially copyable");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
 
 // ---------------------------------------------------------------- storage dtypes
 // IO<T>::raw is what the kernels read and write; bf16 is handled as raw bits so that the
@@ -36,10 +52,10 @@ struct IO<float> {
 template <>
 struct IO<c10::BFloat16> {
   using raw = uint16_t;
-  static inline float ld(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+  static inline float ld(uint16_t v) { return dvp::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
   // Round to nearest even, as torch's .to(torch.bfloat16); NaN stays a quiet NaN.
   static inline uint16_t st(float v) {
-    uint32_t u = std::bit_cast<uint32_t>(v);
+    uint32_t u = dvp::bit_cast<uint32_t>(v);
     uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return static_cast<uint16_t>(v != v ? 0x7FC0u : r);
   }
@@ -109,14 +125,14 @@ DVP_INLINE float fexp(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
+  return p * dvp::bit_cast<float>(bits);
 }
 
 // ln x for normal positive x (callers clamp below at 1e-30).
 DVP_INLINE float flog(float x) {
-  const int32_t bits = std::bit_cast<int32_t>(x);
+  const int32_t bits = dvp::bit_cast<int32_t>(x);
   float e = static_cast<float>(((bits >> 23) & 0xFF) - 126);
-  float m = std::bit_cast<float>((bits & 0x007FFFFF) | 0x3F000000);  // mantissa in [0.5, 1)
+  float m = dvp::bit_cast<float>((bits & 0x007FFFFF) | 0x3F000000);  // mantissa in [0.5, 1)
   const bool small = m < 0.707106781186547524f;
   e = small ? e - 1.0f : e;
   m = small ? m + m - 1.0f : m - 1.0f;

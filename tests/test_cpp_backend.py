@@ -602,3 +602,64 @@ def test_concurrent_first_builds_share_the_cache(cpp, tmp_path):
     assert "building" not in third.stderr, "a finished build must be reused"
     built = list(cache.rglob("dvp_fast_probe.so"))
     assert len(built) == 1 and (built[0].parent / "built").exists()
+
+
+# --- C++17: torch's extension builder compiles with -std=c++17 up to torch 2.11 at least, with -std=c++20 in 2.13+ ---
+CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
+# C++20-only language and library features; on a torch that builds with -std=c++20 they compile, so
+# only this scan (or a build with an older torch) shows that the sources no longer build there.
+CXX20_ONLY = [r"\bstd::(bit_cast|span|ranges|views|numbers|popcount|countl_zero|countr_zero|bit_width|has_single_bit|"
+              r"bit_ceil|bit_floor|ssize|lerp|midpoint|to_array|format|source_location|strong_ordering|"
+              r"weak_ordering|partial_ordering)\b",
+              r"#\s*include\s*<(bit|span|numbers|concepts|ranges|compare|format|version|source_location)>",
+              r"operator\s*<=>", r"\b(consteval|constinit|co_await|co_yield|co_return|char8_t)\b",
+              r"\[\[\s*(likely|unlikely|no_unique_address)\s*\]\]", r"\brequires\s*[({]", r"\bconcept\s+\w+\s*="]
+
+
+def _code_of(path: str) -> str:
+    """The source with comments and string literals blanked (so that prose mentioning a feature does not count)."""
+    text = open(path).read()
+    text = re.sub(r"/\*.*?\*/", lambda m: re.sub(r"[^\n]", " ", m.group()), text, flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    return re.sub(r'"(\\.|[^"\\\n])*"', '""', text)
+
+
+def test_sources_use_no_cxx20_only_features():
+    sources = sorted(name for name in os.listdir(CSRC) if name.endswith((".h", ".cpp")))
+    assert "common.h" in sources
+    found = []
+    for name in sources:
+        for lineno, line in enumerate(_code_of(os.path.join(CSRC, name)).splitlines(), 1):
+            found += [f"{name}:{lineno}: {line.strip()}" for pattern in CXX20_ONLY if re.search(pattern, line)]
+    assert not found, "C++20-only features (torch 2.11 builds extensions with -std=c++17):\n" + "\n".join(found)
+
+
+def test_build_flags_leave_the_language_standard_to_torch(cpp, tmp_path):
+    """torch's extension builder passes its own -std (c++17 in 2.11, c++20 in 2.13+); a second one
+    of ours would override it and break either the older or the newer torch's headers."""
+    from dvp_fast.ops import cpp_backend
+
+    _, cflags, ldflags, _ = cpp_backend.build_settings(cpp_backend.source_dir(), tmp_path)
+    assert not [f for f in cflags + ldflags if f.startswith(("-std=", "/std:"))]
+
+
+def test_sources_compile_as_cxx17(tmp_path):
+    """Each source passes the compiler's syntax check with -std=c++17, where the installed torch's own
+    headers allow that (torch 2.11 and older; 2.13+'s headers need C++20, and then this is skipped)."""
+    import shutil
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    command = [compiler, "-std=c++17", "-fsyntax-only", "-fopenmp", *includes]
+    probe = tmp_path / "probe.cpp"
+    probe.write_text("#include <ATen/core/Tensor.h>\n")
+    if subprocess.run([*command, str(probe)], capture_output=True).returncode != 0:
+        pytest.skip(f"torch {torch.__version__}'s headers do not compile as C++17 (its extensions build as C++20)")
+    for name in sorted(n for n in os.listdir(CSRC) if n.endswith(".cpp")):
+        result = subprocess.run([*command, os.path.join(CSRC, name)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{name} is not C++17:\n{result.stderr[-4000:]}"
