@@ -409,12 +409,14 @@ def _compile_blocks(model: DVPVAE, cuda_graphs: bool = False) -> None:
 
     cuda_graphs=True uses mode="reduce-overhead": inductor records each block's kernels
     (forward and backward) as CUDA graphs and replays them, removing launch overhead.
+    dynamic=False: another input shape (an epoch's last, smaller batch; evaluation) gets a
+    graph of its own with static shapes, never a recompile with dynamic ones.
     """
     mode = "reduce-overhead" if cuda_graphs else None
     for module in [*model.encoder.scales, *model.blocks]:
-        module.compile(mode=mode)
+        module.compile(mode=mode, dynamic=False)
     if model.u_prior is not None and hasattr(model.u_prior, "unet"):
-        model.u_prior.unet.compile(mode=mode)
+        model.u_prior.unet.compile(mode=mode, dynamic=False)
 
 
 def _check_writable(folder: str) -> None:

@@ -142,3 +142,17 @@ def test_ema_update_is_the_exponential_average(monkeypatch, one_kernel):
         for e, got in zip(expected, ema.model.parameters()):
             torch.testing.assert_close(got.double(), e, rtol=1e-5, atol=1e-6)
     assert applied > 80 and float(ema.current_decay()) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_compiled_blocks_have_static_shapes(monkeypatch, cuda_graphs):
+    """Every block is compiled with dynamic=False: a second input shape (the last, smaller batch of an
+    epoch, or evaluation) gets its own static graph instead of a recompile with dynamic shapes."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: calls.append((type(self).__name__, a, kw)))
+    model = DVPVAE.from_preset("mnist", **SMALL)
+    _compile_blocks(model, cuda_graphs=cuda_graphs)
+    expected = len(model.encoder.scales) + len(model.blocks) + int(hasattr(model.u_prior, "unet"))
+    assert len(calls) == expected > 0
+    mode = "reduce-overhead" if cuda_graphs else None
+    assert all(a == () and kw.get("dynamic") is False and kw.get("mode") == mode for _, a, kw in calls), calls
