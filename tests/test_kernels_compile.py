@@ -160,6 +160,58 @@ def test_dispatcher_launches_only_listed_configurations(monkeypatch):
     assert {dml.block_pixels(n) for n in range(1, 5000)} == set(dml.BLOCK_P_CHOICES)
 
 
+def test_launches_run_on_their_tensors_device(monkeypatch):
+    """Every launch is made inside torch.cuda.device(<its first tensor's device>): Triton launches on
+    the current CUDA device, so a model on cuda:1 would otherwise launch on cuda:0. CUDA tensors on
+    cuda:1 are fake tensors here (no GPU needed); CPU tensors (the interpreter) get no CUDA guard."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dvp_fast import ops
+
+    if not ops.backend_available("triton"):
+        pytest.skip("triton backend not available")
+    from dvp_fast.ops import triton_backend
+
+    current, entered, launched = [], [], []
+
+    @contextlib.contextmanager
+    def recording_device(device):
+        entered.append(torch.device(device))
+        current.append(torch.device(device))
+        try:
+            yield
+        finally:
+            current.pop()
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((grid, current[-1] if current else None))
+
+    monkeypatch.setattr(torch.cuda, "device", recording_device)
+    monkeypatch.setattr(triton_backend, "wrap_triton", lambda kernel: kernel)  # the fake kernel is not a JITFunction
+    with FakeTensorMode():
+        x = torch.empty(4, device="cuda:1")
+    triton_backend._launch(FakeKernel())[(2,)](x, 4, BLOCK=8, num_warps=4)
+    assert launched == [((2,), torch.device("cuda:1"))], "the launch must be made inside torch.cuda.device(cuda:1)"
+    assert current == []
+
+    # CPU tensors (the interpreter): no CUDA guard, and the ops run as before.
+    entered.clear()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        inputs = [torch.randn(2, 3, 4, 4).requires_grad_() for _ in range(4)]
+        noise = torch.randn(2, 3, 4, 4)
+        z, kl = ops.gaussian_sample_kl(*inputs, noise, backend="triton")
+        grads = torch.autograd.grad(z.sum() + kl.sum(), inputs)
+        z_fb, kl_fb = ops.gaussian_sample_kl(*inputs, noise, backend="torch")
+        grads_fb = torch.autograd.grad(z_fb.sum() + kl_fb.sum(), inputs)
+        for a, b in zip((z, kl, *grads), (z_fb, kl_fb, *grads_fb)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert entered == []
+
+
 def test_auto_picks_triton_for_cuda_tensors():
     """The model calls every op with backend="auto": on CUDA that must be the kernels, even in a
     fresh process where nothing has imported the triton backend yet (registration is lazy)."""

@@ -14,6 +14,7 @@ Each op has two layers:
     that torch.compile traces as ordinary PyTorch.
 Nothing here reads a tensor value on the host, so no op synchronises.
 """
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -44,8 +45,37 @@ def _define(name: str, fake: Callable) -> Callable[[Callable], object]:
     return wrap
 
 
+def _device_guard(device: torch.device):
+    """torch.cuda.device(device) for a CUDA device; nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _Launcher:
+    """`kernel[grid](*args, **meta)` launched on the device of the first tensor argument.
+
+    Triton launches on the *current* CUDA device (and its current stream), not on the device of
+    the tensors it is given, so a model on cuda:1 would launch its kernels on cuda:0; the guard
+    makes the tensors' device current for the launch (a cheap device exchange, undone after).
+    """
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def guarded(*args, **meta):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            with _device_guard(device):
+                return launch(*args, **meta)
+
+        return guarded
+
+
 def _launch(kernel):
-    return kernel if _INTERPRET else wrap_triton(kernel)
+    return _Launcher(kernel if _INTERPRET else wrap_triton(kernel))
 
 
 def _draw_seed(device: torch.device) -> torch.Tensor:
