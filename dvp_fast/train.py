@@ -49,6 +49,9 @@ from .ops import backend_available
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "elbo", "recon", "kl", "grad_norm", "skipped", "images_per_s",
                  "val_loss", "val_elbo", "active_units", "time_s"]
+# Default evaluations come once an epoch, but not more often than this: on the 4,000 embedded
+# digits an epoch is 16 steps, and evaluating after each would take a third of a short run.
+MIN_EVAL_INTERVAL = 50
 MAX_CONSECUTIVE_SKIPS = 50  # non-finite steps in a row after which the run is called diverged
 RESUME_KEYS = ("model_config", "train_config", "run", "model", "trainer", "step", "epoch", "batch_index", "rng")
 
@@ -364,7 +367,8 @@ def parse_args(argv: list[str] | None = None):
                    help="with --compile on a GPU: replay each compiled block as a CUDA graph "
                         "(torch.compile mode='reduce-overhead'); pays where kernel launches dominate")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: eval)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: one epoch)")
+    p.add_argument("--eval-every", type=int, default=None, help=f"steps between evaluations (default: one epoch, but at least "
+                        f"{MIN_EVAL_INTERVAL} steps)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metric reads (each is one sync)")
     p.add_argument("--seed", type=int, default=None, help="random seed (preset default)")
     p.add_argument("--threads", type=int, default=None,
@@ -657,7 +661,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     batches = datasets.DeviceBatches(train_images, tcfg.batch_size, device, seed=tcfg.seed)
     steps_per_epoch = len(batches)
     total_steps = args.max_steps or max(1, int(round((args.epochs or tcfg.epochs) * steps_per_epoch)))
-    eval_every = args.eval_every or steps_per_epoch
+    eval_every = args.eval_every or max(steps_per_epoch, MIN_EVAL_INTERVAL)
     ckpt_every = args.checkpoint_every or eval_every
 
     if device.type == "cuda":

@@ -1,0 +1,85 @@
+"""Every code block of README.md runs as written.
+
+Python blocks run in order in one namespace; bash blocks run line by line through the entry
+points' own `main` functions. Both run in a temporary folder that holds a tiny trained run at
+runs/mnist-embedded, where the README's main job would have left one. Three kinds of line are
+covered elsewhere and skipped here: `pip install` (CI installs exactly so), `pytest` (this
+suite), and the main job itself (tests/test_main_job.py runs it as written). Slow commands run
+at small sizes: a dvp-train line gets --max-steps 2 instead of its length, a dvp-eval line
+--limit 4.
+"""
+import os
+import re
+import shlex
+
+import pytest
+
+from dvp_fast.cli import eval_main, sample_main
+from dvp_fast.train import main as train_main
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+ENTRY_POINTS = {"dvp-train": train_main, "dvp-sample": sample_main, "dvp-eval": eval_main}
+
+
+def code_blocks(language: str) -> list[str]:
+    with open(README) as f:
+        text = f.read()
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def bash_commands() -> list[str]:
+    """Commands of the bash blocks: comments dropped, backslash continuations joined."""
+    commands = []
+    for block in code_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def _smaller(argv: list[str]) -> list[str]:
+    """The same command at a test's size."""
+    name, args = argv[0], argv[1:]
+    if name == "dvp-train":
+        for flag in ("--epochs", "--max-steps"):
+            if flag in args:
+                i = args.index(flag)
+                del args[i:i + 2]
+        args += ["--max-steps", "2", "--no-progress"]
+    if name == "dvp-eval" and "--limit" not in args:
+        args += ["--limit", "4"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder with runs/mnist-embedded: a 2-step run of the main job's preset."""
+    folder = tmp_path_factory.mktemp("readme")
+    run = str(folder / "runs" / "mnist-embedded")
+    assert train_main(["--preset", "mnist", "--out", run, "--max-steps", "2", "--batch-size", "50",
+                       "--no-progress"]) == 0
+    return folder
+
+
+def test_the_readme_has_code_to_run():
+    assert code_blocks("python") and bash_commands()
+
+
+def test_python_blocks_run_as_written(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    namespace = {"__name__": "__readme__"}
+    for block in code_blocks("python"):
+        exec(compile(block, "README.md", "exec"), namespace)
+
+
+@pytest.mark.parametrize("command", bash_commands())
+def test_bash_lines_run(command, workdir, monkeypatch):
+    argv = shlex.split(command)
+    if argv[0] == "pip" or argv[0] == "pytest":
+        pytest.skip(f"{argv[0]}: run by .ci/run itself")
+    if argv[0] == "dvp-train" and "runs/mnist-embedded" in argv:
+        pytest.skip("the main job: tests/test_main_job.py runs it as written")
+    assert argv[0] in ENTRY_POINTS, f"README bash line with a command no test runs: {command}"
+    monkeypatch.chdir(workdir)
+    assert ENTRY_POINTS[argv[0]](_smaller(argv)) == 0, command
