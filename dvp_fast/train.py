@@ -367,8 +367,8 @@ def parse_args(argv: list[str] | None = None):
                    help="with --compile on a GPU: replay each compiled block as a CUDA graph "
                         "(torch.compile mode='reduce-overhead'); pays where kernel launches dominate")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: eval)")
-    p.add_argument("--eval-every", type=int, default=None, help=f"steps between evaluations (default: one epoch, but at least "
-                        f"{MIN_EVAL_INTERVAL} steps)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"steps between evaluations (default: one epoch, but at least {MIN_EVAL_INTERVAL} steps)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metric reads (each is one sync)")
     p.add_argument("--seed", type=int, default=None, help="random seed (preset default)")
     p.add_argument("--threads", type=int, default=None,
@@ -599,7 +599,7 @@ def _summary_line(step: int, steps_per_epoch: int, seconds: float, train: tuple[
                   best: float, best_step: int | None, skipped: int) -> str:
     """The end-of-run line: steps and time, then training and validation loss, both in bits/dim."""
     best_text = f"best {best:.4f} at step {best_step}" if best_step is not None else f"best {best:.4f}"
-    skipped_text = f", {skipped} skipped as non-finite" if skipped else ""
+    skipped_text = f" ({skipped} skipped as non-finite)" if skipped else ""
     return (f"done: {step} steps ({step / steps_per_epoch:.1f} epochs) in {seconds:.0f} s{skipped_text}; loss in "
             f"bits/dim: training {train[0]:.4f} (mean of the last {train[1]} steps), validation "
             f"{last_eval['val_loss']:.4f} ({best_text}); {last_eval['active_units']:.0%} active units")

@@ -2,7 +2,8 @@
 
 The UNet of the diffusion prior is replaced by the exact eps-predictor of data whose law is
 known in closed form, so a correct sampler must return that law:
-  * Gaussian data N(mu, s^2) per dimension: E[x | z_t] = mu + alpha_t s^2 (z_t - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2).
+  * Gaussian data N(mu, s^2) per dimension:
+    E[x | z_t] = mu + alpha_t s^2 (z_t - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2).
     Every sampler step is then affine in z_t plus Gaussian noise, so the exact mean and variance
     of the T-step output follow from a float64 recursion written here from the VDM formulas;
     as T grows they tend to (mu, s^2 + e^gamma_min), the residual variance of u = z_0 / alpha_0;
