@@ -657,7 +657,11 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     if device.type == "cpu":  # "auto" picks the C++ kernels on CPU: build (once) and load them now, on lines
         backend_available("cpp")  # of their own ("building", how long it took), not inside step 1's progress bar
     if resume is None and model.pseudo is not None and mcfg.pseudoinput_type == "dct":
+        fit_start = time.perf_counter()
         datasets.fit_scale_cached(model, train_images, args.data, "train")
+        if is_main and time.perf_counter() - fit_start > 2.0:
+            print(f"dvp-train: fitted the DCT normaliser S on {train_images.shape[0]} images in "
+                  f"{time.perf_counter() - fit_start:.0f} s (cached for the next run)", flush=True)
     batches = datasets.DeviceBatches(train_images, tcfg.batch_size, device, seed=tcfg.seed)
     steps_per_epoch = len(batches)
     total_steps = args.max_steps or max(1, int(round((args.epochs or tcfg.epochs) * steps_per_epoch)))
@@ -674,6 +678,9 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
         raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
     if args.compile:
         _compile_blocks(model, cuda_graphs=args.cuda_graphs)
+        if is_main:
+            print("dvp-train: --compile: the first steps (and the first evaluation) compile every block; the "
+                  "progress bar waits until they are done", flush=True)
     trainer = Trainer(model, tcfg, steps_per_epoch, args.precision, ddp)
     trainer.ema.model.validate_inputs = False
 
