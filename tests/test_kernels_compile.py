@@ -21,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
+from dvp_fast.ops import _backend
+
 CAPABILITIES = (80, 90)
 # num_mix values compiled for the DML kernels: every preset uses 10; 1 and 3 are the tests' odd sizes.
 DML_MIXES = {("fp32", "bf16", "fp16"): (10,), ("fp32",): (1, 3)}
@@ -129,7 +131,7 @@ def test_dispatcher_launches_only_listed_configurations(monkeypatch):
     from dvp_fast import ops
 
     if not ops.backend_available("triton"):
-        pytest.skip("triton backend not available")
+        pytest.skip(f"triton backend not available: {_backend._availability('triton')[1]}")
     from dvp_fast.kernels import dct, dml, gaussian_kl
     from dvp_fast.ops import triton_backend
 
@@ -171,7 +173,7 @@ def test_launches_run_on_their_tensors_device(monkeypatch):
     from dvp_fast import ops
 
     if not ops.backend_available("triton"):
-        pytest.skip("triton backend not available")
+        pytest.skip(f"triton backend not available: {_backend._availability('triton')[1]}")
     from dvp_fast.ops import triton_backend
 
     current, entered, launched = [], [], []
@@ -218,7 +220,7 @@ def test_auto_picks_triton_for_cuda_tensors():
     from dvp_fast import ops
 
     if not ops.backend_available("triton"):
-        pytest.skip("triton backend not available")
+        pytest.skip(f"triton backend not available: {_backend._availability('triton')[1]}")
     script = ("import torch\n"
               "from dvp_fast.ops._backend import choose_backend\n"
               "names = ['dct_crop', 'idct_pad', 'gaussian_sample_kl', 'gaussian_sample_kl_grouped',\n"
@@ -228,6 +230,40 @@ def test_auto_picks_triton_for_cuda_tensors():
                           env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "['triton']"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.8.0", "2.4.6", False), ("3.10.1+git", "2.4.0", False),
+    ("3.7.1", "3.0.0", True)])
+def test_the_interpreter_skip_applies_only_to_triton_before_3_8_with_numpy_2_4(monkeypatch, triton_version,
+                                                                               numpy_version, broken):
+    import numpy
+    import triton
+
+    import conftest
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = conftest._triton_interpreter_problem()
+    assert bool(problem) == broken
+    if broken:
+        assert f"Triton {triton_version}'s interpreter fails with numpy {numpy_version}" in problem
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels on a GPU are not affected
+    assert conftest._triton_interpreter_problem() is None
+
+
+def test_the_installed_triton_runs_in_the_interpreter():
+    """With the installed triton (3.8) and numpy nothing is skipped: the backend is available."""
+    import numpy
+    import triton
+
+    import conftest
+
+    if conftest._version(triton) < (3, 8) and conftest._version(numpy) >= (2, 4):
+        pytest.skip(conftest.TRITON_INTERPRETER_PROBLEM or "old triton")
+    assert conftest.TRITON_INTERPRETER_PROBLEM is None
+    assert _backend._availability("triton") == (True, "")
 
 
 class _Indexable:
@@ -278,7 +314,7 @@ def test_torch_compile_fullgraph(name):
     from dvp_fast import ops
 
     if not ops.backend_available("triton"):
-        pytest.skip("triton backend not available")
+        pytest.skip(f"triton backend not available: {_backend._availability('triton')[1]}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     fn, inputs = _op_cases(dev)[name]
     torch._dynamo.reset()
