@@ -526,8 +526,8 @@ class DVPVAE(nn.Module):
         deterministic); `num_samples` draws of (u, z) are then processed in chunks of at most
         `max_rows` rows, with a streaming logsumexp on the device. `progress(rows)`, if given,
         is called after each chunk with the number of (image, draw) rows it held.
-        Cost: about 8 ms per row on two CPU cores for the mnist preset, so 1000 draws of 64
-        images take about 9 minutes there; `bench/` measures it per device.
+        Cost: 8 to 25 ms per row on two CPU cores for the mnist preset (as the README says), so
+        1000 draws of 64 images take 9 to 27 minutes there; `bench/` measures it per device.
         """
         self._check_images(x)
         num_samples = _positive_int("num_samples", num_samples)

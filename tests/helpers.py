@@ -20,6 +20,20 @@ class NoRandomness:
     def __exit__(self, *exc):
         torch.randn_like, torch.rand, torch.bernoulli = self.saved
 
+def nudged_mnist_model(scale: float, **overrides):
+    """A small MNIST-shaped model in eval mode whose zero-initialised outputs have been nudged
+    (every parameter plus scale * N(0, 1), seed 0), so the UNet and the priors depend on their inputs."""
+    from dvp_fast import DVPVAE
+
+    torch.manual_seed(0)
+    model = DVPVAE.from_preset("mnist", **{**dict(num_ch=8, diffusion_channels=16, diffusion_res_blocks=1),
+                                            **overrides}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
 # The smallest sensible configuration, for tests that run whole training processes.
 TINY = dict(num_ch=4, latent_scales=(1, 1), enc_blocks_per_scale=1, diffusion_channels=8, diffusion_groups=8,
             diffusion_res_blocks=1)

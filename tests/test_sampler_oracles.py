@@ -21,6 +21,7 @@ from torch import nn
 from dvp_fast import DVPVAE
 from dvp_fast.config import model_preset
 from dvp_fast.diffusion import DiffusionPrior
+from helpers import nudged_mnist_model
 
 PRESETS = ["mnist", "omniglot", "cifar10"]
 SAMPLERS = ["ancestral", "ddim"]
@@ -206,14 +207,7 @@ def test_temperature_multiplies_the_variance_of_u(sampler, temperature):
 
 @pytest.fixture(scope="module")
 def nudged_model():
-    """A small MNIST model with every parameter nudged, so priors depend on their inputs."""
-    torch.manual_seed(0)
-    m = DVPVAE.from_preset("mnist", num_ch=8, latent_scales=(2, 2), diffusion_channels=16,
-                           diffusion_res_blocks=1).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m
+    return nudged_mnist_model(0.2, latent_scales=(2, 2))
 
 
 def _latents(model, u, noises, temperature):

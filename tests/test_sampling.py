@@ -3,19 +3,12 @@ import pytest
 import torch
 
 from dvp_fast import DVPVAE
+from helpers import nudged_mnist_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    """A small MNIST-shaped model whose zero-initialised outputs have been nudged, so the UNet
-    and the priors actually depend on their inputs."""
-    torch.manual_seed(0)
-    m = DVPVAE.from_preset("mnist", num_ch=8, latent_scales=(1, 1), diffusion_channels=16,
-                           diffusion_res_blocks=1).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return nudged_mnist_model(0.05, latent_scales=(1, 1))
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
