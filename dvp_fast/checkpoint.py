@@ -2,7 +2,11 @@
 
 A checkpoint is a dict saved with torch.save. It always carries `format_version`,
 `model_config` and the model weights; training checkpoints add the EMA weights,
-optimiser, scheduler, RNG states and the position in the data.
+optimiser, scheduler, RNG states and the position in the data. Since format 2 everything
+in it is a tensor or a plain Python value, so it loads with `torch.load(weights_only=True)`,
+which unpickles no objects and so runs no code from the file: that is the only way this
+module loads one. Format-1 files (which held numpy RNG state) are refused with the command
+that converts a trusted one: `python -m dvp_fast.checkpoint upgrade --trust FILE`.
 
 torch.save writes a zip archive whose members carry CRC-32 checksums that torch.load
 never verifies; `load_checkpoint` verifies them, so a truncated file or a flipped bit in
@@ -10,13 +14,16 @@ the weights is reported instead of being loaded as different numbers.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
+import pickle
+import sys
 import zipfile
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LAST, BEST = "last.pt", "best.pt"
 
 
@@ -130,10 +137,14 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     """
     _verify_archive(path)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except MemoryError:
         raise
-    except Exception as exc:  # unpickling damaged or foreign data raises almost any type
+    except pickle.UnpicklingError as exc:  # weights_only met an object it will not build
+        raise CheckpointError(f"{path}: refused: it holds pickled objects, and unpickling them could run code (a "
+                              f"checkpoint of dvp_fast's format 1, or not dvp_fast's); if you trust the file, convert "
+                              f"it with: python -m dvp_fast.checkpoint upgrade --trust {path}") from exc
+    except Exception as exc:  # damaged or foreign data raises almost any type
         raise CheckpointError(f"{path}: not a readable dvp_fast checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or "format_version" not in payload or "model_config" not in payload:
         raise CheckpointError(f"{path}: not a dvp_fast checkpoint (expected a dict with format_version and "
@@ -141,6 +152,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     version = payload["format_version"]
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path}: invalid format_version {version!r}, expected an integer >= 1")
+    if version < 2:
+        raise CheckpointError(f"{path}: refused: checkpoint format {version} may hold pickled objects; if you trust "
+                              f"the file, convert it with: python -m dvp_fast.checkpoint upgrade --trust {path}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version} is newer than this dvp_fast understands "
                               f"({FORMAT_VERSION}); upgrade dvp_fast")
@@ -160,3 +174,66 @@ def _describe(payload) -> str:
     if isinstance(payload, dict):
         return f"a dict with keys {sorted(map(str, payload))[:8]}"
     return f"a {type(payload).__name__}"
+
+
+# --- converting format-1 checkpoints, for files the user trusts ------------------------------------------------
+def _plain_rng(rng: dict) -> dict:
+    """Format 1's RNG entry (numpy's state as an ndarray tuple) in format 2's tensors and plain values."""
+    out = dict(rng)
+    numpy_state = rng.get("numpy")
+    if isinstance(numpy_state, tuple):
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = numpy_state
+        out["numpy"] = dict(kind=str(kind), keys=torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos=int(pos),
+                            has_gauss=int(has_gauss), cached_gaussian=float(cached))
+    python_state = rng.get("python")
+    if isinstance(python_state, tuple):
+        out["python"] = [int(python_state[0]), [int(v) for v in python_state[1]], python_state[2]]
+    return out
+
+
+def upgrade_checkpoint(path: str) -> str:
+    """Rewrite a trusted format-1 checkpoint at `path` in format 2; the original is kept as PATH.format1.
+
+    This unpickles the file (weights_only=False): call it only on files you trust.
+    """
+    _verify_archive(path)
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or "format_version" not in payload or "model_config" not in payload:
+        raise CheckpointError(f"{path}: not a dvp_fast checkpoint ({_describe(payload)})")
+    if payload["format_version"] != 1:
+        raise CheckpointError(f"{path}: format {payload['format_version']!r}, only format 1 needs upgrading")
+    if "rng" in payload:
+        payload["rng"] = _plain_rng(payload["rng"])
+    payload.pop("format_version")
+    backup = path + ".format1"
+    if os.path.exists(backup):
+        raise FileExistsError(f"{backup} exists: move it away first (it may be an earlier original)")
+    os.link(path, backup) if hasattr(os, "link") else __import__("shutil").copy2(path, backup)
+    save_checkpoint(payload, path)
+    torch.load(path, map_location="cpu", weights_only=True)  # the promise of format 2, checked
+    return backup
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dvp_fast.checkpoint",
+                                description="Convert trusted format-1 dvp_fast checkpoints to format 2.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upgrade", help="rewrite format-1 checkpoints in place (the originals kept as *.format1)")
+    up.add_argument("--trust", action="store_true", required=True,
+                    help="required: the files are unpickled, which runs any code they hold")
+    up.add_argument("paths", nargs="+")
+    args = p.parse_args(argv)
+    for path in args.paths:
+        try:
+            backup = upgrade_checkpoint(path)
+        except (OSError, CheckpointError, pickle.UnpicklingError) as exc:
+            print(f"dvp_fast.checkpoint: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        print(f"dvp_fast.checkpoint: {path} is now format {FORMAT_VERSION} (original kept as {backup})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import sys
@@ -22,6 +24,7 @@ from .model import DVPVAE
 # Anything else is a bug: also one line, but labelled as such and pointing to --debug.
 EXPECTED_ERRORS = (ValueError, TypeError, RuntimeError, OSError, CheckpointError, NotImplementedError)
 _MAX_MESSAGE = 2000
+EVALUATIONS = "evaluations.json"  # dvp-eval's results, next to the checkpoint they were computed from
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -54,6 +57,7 @@ def _device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda requested but no CUDA device is available")
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: time the conv algorithms once
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -69,6 +73,13 @@ def _run(prog: str, fn, args) -> int:
             raise
         return report_error(prog, exc)
     return 0
+
+
+def _data_argument(text: str) -> str:
+    try:
+        return datasets.check_data_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(kind):
@@ -103,7 +114,9 @@ def sample(args: argparse.Namespace) -> None:
     with _progress(args, total=args.n, desc="dvp-sample", unit="image") as bar:
         for first in range(0, args.n, args.batch_size):
             k = min(args.batch_size, args.n - first)
-            chunks.append(model.sample(k, temperature=args.temperature, steps=args.steps))
+            # On a GPU the whole sampler replays as one CUDA graph per batch size (captured once).
+            chunks.append(model.sample(k, temperature=args.temperature, steps=args.steps,
+                                       compile=device.type == "cuda"))
             bar.update(k)
     images = torch.cat(chunks)
     if device.type == "cuda":
@@ -144,14 +157,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     name = args.data or payload.get("run", {}).get("data")
     if name is None:
         raise ValueError(f"{path} does not record its dataset: pass --data")
+    split = args.split or ("all" if datasets.is_user_source(name) else "test")
+    # A user source's val split is drawn with the run's seed: the same images dvp-train validated on.
+    seed = payload.get("train_config", {}).get("seed", 0)
     model = DVPVAE.from_checkpoint(path, ema=not args.raw_weights).to(device).eval()
-    images = datasets.load_images(name, args.split, root=args.data_dir, download=args.download)
+    images = datasets.load_images(name, split, root=args.data_dir, download=args.download, seed=seed)
     if args.limit is not None:
         images = images[:args.limit]
     cfg = model.config
     if tuple(images.shape[1:]) != (cfg.image_channels, cfg.image_size, cfg.image_size):
-        raise ValueError(f"dataset {name!r} has images of shape {tuple(images.shape[1:])}, the model expects "
-                         f"{(cfg.image_channels, cfg.image_size, cfg.image_size)}")
+        raise ValueError(f"{name}: images of shape {tuple(images.shape[1:])}, the model expects "
+                         f"{(cfg.image_channels, cfg.image_size, cfg.image_size)} (images are not resized)")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bpd = 1.0 / (cfg.pixels * math.log(2.0))
@@ -169,21 +185,58 @@ def evaluate(args: argparse.Namespace) -> dict:
     au = model.active_units(images.to(device).float() / 127.5 - 1.0, batch_size=args.batch_size)
     result = dict(images=n, neg_elbo=neg_elbo / n, nll=nll / n, active_units=au,
                   seconds=time.perf_counter() - start)
-    print(f"dvp-eval: {name}/{args.split}, {n} images, {args.num_samples} importance samples")
+    print(f"dvp-eval: {name}/{split}, {n} images, {args.num_samples} importance samples")
     print(f"  negative ELBO  {result['neg_elbo']:.3f} nats  {result['neg_elbo'] * bpd:.4f} bits/dim")
     print(f"  IWAE NLL       {result['nll']:.3f} nats  {result['nll'] * bpd:.4f} bits/dim")
     print(f"  active units   {au:.1%}")
     print(f"  time           {result['seconds']:.1f} s")
+    record = dict(checkpoint=os.path.basename(path), checkpoint_sha256=file_sha256(path), step=payload.get("step"),
+                  ema=not args.raw_weights, data=name, split=split, limit=args.limit, num_samples=args.num_samples,
+                  seed=args.seed, bits_per_dim=result["nll"] * bpd, date=time.strftime("%Y-%m-%d"), **result)
+    record_evaluation(os.path.dirname(path), record)
     return result
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_evaluations(folder: str) -> list[dict]:
+    """The records dvp-eval appended to `folder`/evaluations.json (empty if none or unreadable)."""
+    try:
+        with open(os.path.join(folder, EVALUATIONS), encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def record_evaluation(folder: str, record: dict) -> None:
+    """Append `record` to the checkpoint folder's evaluations.json (for dvp-export's model card)."""
+    target = os.path.join(folder, EVALUATIONS)
+    tmp = target + f".tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(read_evaluations(folder) + [record], f, indent=2)
+        os.replace(tmp, target)
+    except OSError as exc:  # a read-only run folder: the result was printed, keep going
+        print(f"dvp-eval: note: could not record the result in {target}: {exc.strerror or exc}", file=sys.stderr)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="dvp-eval", description="Test ELBO, IWAE NLL and active units of a DVP-VAE.")
     p.add_argument("--checkpoint", required=True, help="run folder (uses best.pt) or a .pt file")
-    p.add_argument("--data", default=None, choices=datasets.DATASETS, help="default: the dataset it was trained on")
+    p.add_argument("--data", default=None, type=_data_argument, metavar="DATA",
+                   help=f"{', '.join(datasets.DATASETS)}, folder:PATH, npz:PATH or npy:PATH; default: the data it "
+                        f"was trained on")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true", help="fetch missing standard dataset files into --data-dir")
-    p.add_argument("--split", default="test", choices=datasets.SPLITS)
+    p.add_argument("--split", default=None, choices=datasets.SPLITS + ("all",),
+                   help="default: test; for your own images 'all' (train and val are the run's seeded split)")
     p.add_argument("--num-samples", type=_positive(int), default=1000, help="importance samples per image")
     p.add_argument("--batch-size", type=_positive(int), default=100)
     p.add_argument("--limit", type=_positive(int), default=None, help="evaluate the first N images only")

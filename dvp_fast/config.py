@@ -8,7 +8,7 @@ behaviour is one field away (see the comments on each field).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tarfile
 import tempfile
 import time
@@ -40,6 +41,8 @@ import zlib
 
 import numpy as np
 import torch
+
+from .userdata import USER_SPLITS, is_user_source, load_user_images, user_split
 
 DATASETS = ("embedded", "mnist", "omniglot", "cifar10")
 SPLITS = ("train", "val", "test")
@@ -469,11 +472,25 @@ def split_indices(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def load_dataset(name: str, split: str = "train", root: str | None = None,
-                 download: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images uint8 (N, C, H, W), labels int64 (N,) or None where the files have none)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {list(DATASETS)}")
+def check_data_name(name: str) -> str:
+    """`name` if it is a dataset name or a user source (folder:PATH, npz:PATH, npy:PATH), else ValueError."""
+    if name in DATASETS or is_user_source(name):
+        return name
+    raise ValueError(f"unknown dataset {name!r}: expected one of {list(DATASETS)}, or your own images as "
+                     f"folder:PATH, npz:PATH or npy:PATH")
+
+
+def load_dataset(name: str, split: str = "train", root: str | None = None, download: bool = False,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images uint8 (N, C, H, W), labels int64 (N,) or None where the files have none).
+
+    `name` is a dataset name or a user source ("folder:PATH", "npz:PATH", "npy:PATH"); a user
+    source has the splits "train", "val" (drawn with `seed`, see `userdata.user_split`) and
+    "all", and no labels.
+    """
+    check_data_name(name)
+    if is_user_source(name):
+        return user_split(load_user_images(name), seed, split), None
     _check_split(split)
     if name == "embedded":
         return load_embedded(split)
@@ -487,13 +504,15 @@ def load_dataset(name: str, split: str = "train", root: str | None = None,
     return torch.from_numpy(np.ascontiguousarray(images)), (torch.from_numpy(labels) if labels is not None else None)
 
 
-def load_images(name: str, split: str = "train", root: str | None = None, download: bool = False) -> torch.Tensor:
-    """uint8 images (N, C, H, W) of dataset `name` ("embedded", "mnist", "omniglot", "cifar10").
+def load_images(name: str, split: str = "train", root: str | None = None, download: bool = False,
+                seed: int = 0) -> torch.Tensor:
+    """uint8 images (N, C, H, W) of dataset `name` ("embedded", "mnist", "omniglot", "cifar10"), or
+    of a user source ("folder:PATH", "npz:PATH", "npy:PATH"; `seed` draws its val split).
 
     `root` is the folder of the dataset's files (default `default_data_root()/<name>`); `download`
     fetches missing standard files there where a network exists.
     """
-    return load_dataset(name, split, root, download)[0]
+    return load_dataset(name, split, root, download, seed)[0]
 
 
 def load_labels(name: str, split: str = "train", root: str | None = None, download: bool = False) -> torch.Tensor:
@@ -705,7 +724,8 @@ def fit_scale_cached(model, images: torch.Tensor, dataset: str, split: str = "tr
            "variant": cfg.pseudoinput_scale}
     key_digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir or default_cache_dir(), "scales")
-    path = os.path.join(folder, f"{dataset}-{split}-{cfg.pseudoinput_scale}-D{cfg.image_size}-d{cfg.pseudoinput_size}"
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)[-40:]  # a user source is a path: keep it a file name
+    path = os.path.join(folder, f"{label}-{split}-{cfg.pseudoinput_scale}-D{cfg.image_size}-d{cfg.pseudoinput_size}"
                                 f"-{key_digest}.pt")
     scale = _load_cached_scale(path, key, shape)
     if scale is not None:
@@ -722,6 +742,7 @@ def fit_scale_cached(model, images: torch.Tensor, dataset: str, split: str = "tr
     return scale
 
 
-__all__ = ["DATASETS", "SPLITS", "PRESET_OF", "IMAGE_SHAPE", "load_images", "load_labels", "load_dataset",
+__all__ = ["DATASETS", "SPLITS", "USER_SPLITS", "check_data_name", "load_user_images", "user_split", "PRESET_OF",
+           "IMAGE_SHAPE", "load_images", "load_labels", "load_dataset",
            "load_embedded", "embedded_path", "DeviceBatches", "HostBatches", "make_loader", "EpochSampler",
            "epoch_order", "epoch_flips", "fit_scale_cached", "content_hash", "default_data_root", "default_cache_dir"]

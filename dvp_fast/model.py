@@ -93,6 +93,16 @@ class TopDownBlock(nn.Module):
                 self.z_up.weight.mul_(init)
             self.resnet = DecoderResBlock(ch, hid, ch, last_scale=init)
 
+    def forward(self, s: torch.Tensor, cond: torch.Tensor | None, e: torch.Tensor | None = None):
+        """(mu_p, logvar_p, h, mu_q, logvar_q): the prior and, given encoder features e, the posterior
+        (None, None without). The model calls blocks this way, through __call__, so that a compiled
+        block (Module.compile) really runs compiled: one graph for both nets."""
+        mu_p, lv_p, h = self.prior(s, cond)
+        if e is None:
+            return mu_p, lv_p, h, None, None
+        mu_q, lv_q = self.posterior(s, e)
+        return mu_p, lv_p, h, mu_q, lv_q
+
     def prior(self, s: torch.Tensor, cond: torch.Tensor | None):
         """(mu_p, logvar_p, h) from the state and the pooled pseudo-input image."""
         inp = s if cond is None else torch.cat([s, cond.to(s.dtype)], dim=1)
@@ -178,6 +188,28 @@ class DVPVAE(nn.Module):
         except (RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path}: weights do not fit the stored configuration: {exc}") from exc
         return model.to(map_location) if not isinstance(map_location, dict) else model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, map_location="cpu", revision: str | None = None) -> "DVPVAE":
+        """Load shareable weights: a folder with model.safetensors and config.json, or a Hub repo id.
+
+        Nothing is unpickled, so a folder from anyone runs none of their code. A repo id
+        ("owner/name") needs huggingface_hub (pip install "dvp_fast[hub]") and a network the
+        first time; a local folder needs neither.
+        """
+        from .pretrained import load_pretrained
+
+        return load_pretrained(cls, name_or_path, map_location=map_location, revision=revision)
+
+    def save_pretrained(self, folder: str, metadata: dict | None = None) -> list[str]:
+        """Write model.safetensors and config.json into `folder` (the Hub's layout); returns the paths.
+
+        These are this module's weights as they are: to share a run's EMA weights, load them
+        with `from_checkpoint(run, ema=True)` first, or use `dvp-export`.
+        """
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, folder, metadata)
 
     @property
     def num_latents(self) -> int:
@@ -305,8 +337,7 @@ class DVPVAE(nn.Module):
         vamp = self._vamp_components() if self.vamp is not None else None
         zs, kls, ratios, mus = [], [], [], []
         for idx, block in enumerate(self.blocks):
-            mu_p, lv_p, h = block.prior(s, None if cond is None else cond[block.res])
-            mu_q, lv_q = block.posterior(s, feats[block.scale])
+            mu_p, lv_p, h, mu_q, lv_q = block(s, None if cond is None else cond[block.res], feats[block.scale])
             if idx == 0 and vamp is not None:
                 z = mu_q + torch.exp(0.5 * lv_q) * torch.randn_like(mu_q)
                 ratio = mixture_log_prob(z, *vamp) - gaussian_log_prob(z, mu_q, lv_q)
@@ -338,7 +369,7 @@ class DVPVAE(nn.Module):
         scale = math.sqrt(temperature)
         zs = []
         for idx, block in enumerate(self.blocks):
-            mu_p, lv_p, h = block.prior(s, None if cond is None else cond[block.res])
+            mu_p, lv_p, h, _, _ = block(s, None if cond is None else cond[block.res])
             if idx == 0 and vamp_pick is not None:
                 mu_k, lv_k = self._vamp_components()
                 mu_p, lv_p = mu_k[vamp_pick], lv_k[vamp_pick]

@@ -19,6 +19,7 @@ run with the previous checkpoint intact; a lock file keeps two runs out of one f
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import csv
@@ -83,12 +84,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def _foreach_lerp_takes_a_tensor() -> bool:
-    """Whether this torch has the _foreach_lerp_ overload with a device-tensor weight (no sync)."""
-    try:
-        torch._foreach_lerp_([torch.zeros(1)], [torch.ones(1)], torch.tensor(0.5))
-        return True
-    except (RuntimeError, TypeError):
-        return False
+    """Whether this torch has a _foreach_lerp_ overload whose weight is one tensor (no host sync).
+
+    Calling it is no test: a 0-dim tensor also binds to the Scalar overload, through an
+    `.item()` (a host sync on CUDA). So the schemas are read instead.
+    """
+    schemas = torch._C._jit_get_schemas_for_operator("aten::_foreach_lerp_")
+    return any(arg.name == "weight" and str(arg.type) == "Tensor" for schema in schemas for arg in schema.arguments)
 
 
 _FOREACH_LERP_TAKES_A_TENSOR = _foreach_lerp_takes_a_tensor()
@@ -133,6 +135,30 @@ class EMA:
 
 
 # --- the step ----------------------------------------------------------------------------------------------
+def _dense(p: torch.Tensor) -> bool:
+    return p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+
+
+def attach_flat_grads(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """Make every parameter's .grad a view, in its own memory layout, of one flat zeroed buffer.
+
+    Backward then accumulates into those views in place (zero_grad keeps them: set_to_none=False),
+    so the skip guard can zero all gradients with one fill on the buffer instead of a cat of
+    reshaped copies and a copy back, which for channels_last weights cost about two kernels per
+    tensor. Returns the buffer, or None (the per-tensor path) if dtypes or devices differ or a
+    weight is neither contiguous nor channels_last.
+    """
+    if not params or any(p.dtype != params[0].dtype or p.device != params[0].device or not _dense(p)
+                         or p.grad is not None for p in params):
+        return None
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        p.grad = flat.as_strided(p.shape, p.stride(), offset)
+        offset += p.numel()
+    return flat
+
+
 @dataclass
 class StepState:
     """Device-side counters, read only when logging."""
@@ -159,6 +185,7 @@ class Trainer:
             self.optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
         self.ema = EMA(model, cfg.ema_decay)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._flat_grad = attach_flat_grads(self.params)
         self.state = StepState.zeros(self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self._backup: list[torch.Tensor] | None = None
@@ -181,7 +208,10 @@ class Trainer:
         self._accumulate(out, grad_norm, ok.float())
 
     def _sanitize_grads(self, ok: torch.Tensor) -> None:
-        """Zero every gradient of a non-finite step (NaN * 0 is NaN, hence the flat where)."""
+        """Zero every gradient of a non-finite step (NaN * 0 is NaN, hence a fill, not a product)."""
+        if self._flat_grad is not None:  # every gradient is a view of it: one kernel, no copies
+            self._flat_grad.masked_fill_(ok.logical_not(), 0.0)
+            return
         grads = [p.grad for p in self.params if p.grad is not None]
         flat = torch.where(ok, torch.cat([g.reshape(-1) for g in grads]), 0.0)
         torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
@@ -246,15 +276,26 @@ class Trainer:
 
 # --- evaluation --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: DVPVAE, images: torch.Tensor, batch_size: int) -> dict:
-    """Negative ELBO (nats and bits/dim) and active units of `model` on uint8 `images`."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on a CUDA device with bf16 support, else "fp32"; others unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def evaluate(model: DVPVAE, images: torch.Tensor, batch_size: int, precision: str = "fp32") -> dict:
+    """Negative ELBO (nats and bits/dim) and active units of `model` on uint8 `images` (N, C, H, W);
+    precision "bf16" runs the forward under bf16 autocast, as training does."""
+    check_images(images, model.config, "images")
     was_training = model.training
     model.eval()
     batches = datasets.DeviceBatches(images, min(batch_size, images.shape[0]), model.device, shuffle=False,
                                      drop_last=False)
     total, count = torch.zeros((), device=model.device), 0
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for x in batches.batches(0):
-        total += (-model(x).elbo).sum()
+        with autocast:
+            total += (-model(x).elbo.float()).sum()
         count += x.shape[0]
     neg_elbo = total.item() / count
     au = model.active_units(images[:5000].to(model.device).float() / 127.5 - 1.0, batch_size=batch_size)
@@ -271,9 +312,74 @@ def save_images(model: DVPVAE, val_images: torch.Tensor, folder: str, step: int)
     save_grid(pairs, os.path.join(folder, f"step{step:07d}_reconstructions.png"), nrow=16)
 
 
+# --- the Python API: train on a uint8 tensor ------------------------------------------------------------------
+def fit(model: DVPVAE, images: torch.Tensor, *, val_images: torch.Tensor | None = None, epochs: float | None = None,
+        max_steps: int | None = None, batch_size: int | None = None, lr: float | None = None, seed: int = 0,
+        precision: str = "auto", use_ema: bool = True, progress: bool = True) -> dict:
+    """Train `model` in place on uint8 `images` (N, C, H, W), as dvp-train does but without a run folder.
+
+    The optimiser, schedule, clipping and EMA are the model's preset's (`batch_size`, `lr`
+    override them); it trains for `max_steps`, else `epochs` (default: the preset's). The
+    DCT normaliser S is fitted on the training images first if it is not yet. `val_images`
+    default to a `seed`-drawn 10% of `images` (the rest is trained on). At the end the model
+    holds the EMA weights (`use_ema=False` keeps the raw ones) and is in eval mode. Returns
+    dict(steps, train_loss (bits/dim, mean of the last epoch), val_loss, val_elbo, active_units,
+    history: one row per epoch).
+    """
+    cfg = model.config
+    check_images(images, cfg, "images")
+    if val_images is None:
+        train_images, val_images = (datasets.user_split(images, seed, split) for split in ("train", "val"))
+    else:
+        train_images, val_images = images, check_images(val_images, cfg, "val_images")
+    overrides = {k: v for k, v in dict(batch_size=batch_size, lr=lr, seed=seed).items() if v is not None}
+    tcfg = train_preset(cfg.name, **overrides) if cfg.name in PRESETS else TrainConfig(**overrides)
+    seed_everything(seed)
+    if model.pseudo is not None and cfg.pseudoinput_type == "dct" and not bool(model.pseudo.scale_fitted):
+        model.fit_pseudoinput_scale(train_images)
+    batches = datasets.DeviceBatches(train_images, tcfg.batch_size, model.device, seed=seed)
+    total = max_steps or max(1, int(round((epochs or tcfg.epochs) * len(batches))))
+    precision = resolve_precision(precision, model.device)
+    trainer = Trainer(model, tcfg, len(batches), precision)
+    validate, model.validate_inputs = model.validate_inputs, False  # uint8 converted on the device is in range
+    history, step, epoch = [], 0, 0
+    from tqdm import tqdm
+
+    model.train()
+    try:
+        with tqdm(total=total, desc="dvp_fast.fit", unit="step", disable=not progress, file=sys.stderr) as bar:
+            while step < total:
+                for x in batches.batches(epoch):
+                    trainer.step(x)
+                    step += 1
+                    bar.update(1)
+                    if step >= total:
+                        break
+                m = trainer.read_metrics()
+                history.append(dict(step=step, epoch=step / len(batches), loss=m["loss"], skipped=m["skipped"]))
+                bar.set_postfix(loss=f"{m['loss']:.4f}bpd", refresh=False)
+                epoch += 1
+        trainer.ema.sync_buffers(model)
+        final = trainer.ema.model if use_ema else model
+        result = evaluate(final, val_images, tcfg.eval_batch_size, precision)
+    finally:
+        model.validate_inputs = validate
+    if use_ema:
+        model.load_state_dict(trainer.ema.model.state_dict())
+    history[-1].update(result)
+    model.eval()
+    return dict(steps=step, train_loss=history[-1]["loss"], history=history, **result)
+
+
 # --- RNG state ------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """Every RNG's state as tensors and plain values, so that checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = dict(torch=torch.get_rng_state(),
+                 numpy=dict(kind=str(kind), keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                            has_gauss=int(has_gauss), cached_gaussian=float(cached)),
+                 python=[version, list(internal), gauss_next])
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -281,8 +387,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -351,8 +460,10 @@ def parse_args(argv: list[str] | None = None):
     p = OneLineParser(prog="dvp-train", description="Train a DVP-VAE.")
     p.add_argument("--preset", default="mnist", choices=PRESETS, help="model and optimisation preset")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<data>); re-run to resume")
-    p.add_argument("--data", default="embedded", choices=datasets.DATASETS,
-                   help="dataset (default: the 5,000 MNIST digits embedded in the install)")
+    p.add_argument("--data", default="embedded", type=data_argument, metavar="DATA",
+                   help=f"{', '.join(datasets.DATASETS)}, or your own images: folder:PATH (PNG/JPEG files), "
+                        f"npz:PATH or npy:PATH (uint8 arrays); default: the 5,000 MNIST digits embedded in the "
+                        f"install")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
     p.add_argument("--download", action="store_true", help="fetch missing standard dataset files into --data-dir")
     length = p.add_mutually_exclusive_group()
@@ -361,7 +472,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (preset default)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (preset default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast on a GPU that supports it, fp32 on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the network, block by block")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --compile on a GPU: replay each compiled block as a CUDA graph "
@@ -417,7 +529,10 @@ def _compile_blocks(model: DVPVAE, cuda_graphs: bool = False) -> None:
     graph of its own with static shapes, never a recompile with dynamic ones.
     """
     mode = "reduce-overhead" if cuda_graphs else None
-    for module in [*model.encoder.scales, *model.blocks]:
+    # Only modules the model enters through __call__: Module.compile replaces that, so a module
+    # reached through its methods (as the blocks once were, block.prior(...)) would stay eager.
+    resnets = [block.resnet for block in model.blocks if not block.last]  # the bulk of block.update
+    for module in [*model.encoder.scales, *model.blocks, *resnets]:
         module.compile(mode=mode, dynamic=False)
     if model.u_prior is not None and hasattr(model.u_prior, "unet"):
         model.u_prior.unet.compile(mode=mode, dynamic=False)
@@ -585,14 +700,35 @@ def _write_json(path: str, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_data(args, cfg: DVPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def data_argument(text: str) -> str:
+    """argparse type of --data: a dataset name or a user source."""
+    try:
+        return datasets.check_data_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_images(images, cfg: DVPConfig, source: str) -> torch.Tensor:
+    """`images` if they are uint8 (N, C, H, W) of the shape `cfg` models, else one ValueError saying so."""
+    expected = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{source}: expected a uint8 torch.Tensor (N, C, H, W), got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"{source}: expected uint8 images in [0, 255], got dtype {images.dtype}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
+        kind = {1: "grayscale", 3: "RGB"}.get(cfg.image_channels, f"{cfg.image_channels}-channel")
+        raise ValueError(f"{source}: a tensor of shape {tuple(images.shape)}, but preset {cfg.name!r} expects "
+                         f"{kind} images of shape {expected}, at least one (images are not resized)")
+    return images
+
+
+def _load_data(args, cfg: DVPConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if datasets.is_user_source(args.data):  # read the files once, then split with the run's seed
+        images = check_images(datasets.load_user_images(args.data), cfg, args.data)
+        return datasets.user_split(images, seed, "train"), datasets.user_split(images, seed, "val")
     train = datasets.load_images(args.data, "train", root=args.data_dir, download=args.download)
     val = datasets.load_images(args.data, "val", root=args.data_dir)
-    expected = (cfg.image_channels, cfg.image_size, cfg.image_size)
-    if tuple(train.shape[1:]) != expected:
-        raise ValueError(f"dataset {args.data!r} has images of shape {tuple(train.shape[1:])} but preset "
-                         f"{cfg.name!r} expects {expected}")
-    return train, val
+    return check_images(train, cfg, f"dataset {args.data!r}"), val
 
 
 def _summary_line(step: int, steps_per_epoch: int, seconds: float, train: tuple[float, int], last_eval: dict,
@@ -603,6 +739,14 @@ def _summary_line(step: int, steps_per_epoch: int, seconds: float, train: tuple[
     return (f"done: {step} steps ({step / steps_per_epoch:.1f} epochs) in {seconds:.0f} s{skipped_text}; loss in "
             f"bits/dim: training {train[0]:.4f} (mean of the last {train[1]} steps), validation "
             f"{last_eval['val_loss']:.4f} ({best_text}); {last_eval['active_units']:.0%} active units")
+
+
+def _data_label(data: str) -> str:
+    """A dataset name, or a user source's file or folder name, for the default run folder."""
+    if not datasets.is_user_source(data):
+        return data
+    path = data.split(":", 1)[1].rstrip("/\\")
+    return os.path.splitext(os.path.basename(path))[0] or "data"
 
 
 def run(args) -> dict:
@@ -619,10 +763,12 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: time the conv algorithms once
+    precision = resolve_precision(args.precision, device)
     overrides = {k: v for k, v in dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed).items() if v is not None}
     tcfg = train_preset(args.preset, **overrides)
     mcfg = model_preset(args.preset)
-    out = args.out or os.path.join("runs", f"{args.preset}-{args.data}")
+    out = args.out or os.path.join("runs", f"{args.preset}-{_data_label(args.data)}")
     new_folder = _NewRunFolder(out)
     if is_main:
         try:
@@ -649,7 +795,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
             raise ValueError(f"{last_path} was trained on --data {resume['run'].get('data')}, not {args.data}")
 
     seed_everything(tcfg.seed + rank)
-    train_images, val_images = _load_data(args, mcfg)
+    train_images, val_images = _load_data(args, mcfg, tcfg.seed)
     model = DVPVAE(mcfg).to(device)
     model.validate_inputs = False  # uint8 data converted on device is in range by construction
     if is_main:
@@ -681,7 +827,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
         if is_main:
             print("dvp-train: --compile: the first steps (and the first evaluation) compile every block; the "
                   "progress bar waits until they are done", flush=True)
-    trainer = Trainer(model, tcfg, steps_per_epoch, args.precision, ddp)
+    trainer = Trainer(model, tcfg, steps_per_epoch, precision, ddp)
     trainer.ema.model.validate_inputs = False
 
     step, epoch, batch_index, best, best_step = 0, 0, 0, math.inf, None
@@ -764,7 +910,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
             if (step % eval_every == 0 or done) and is_main:
                 trainer.ema.sync_buffers(model)
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    ev = evaluate(trainer.ema.model, val_images, tcfg.eval_batch_size)
+                    ev = evaluate(trainer.ema.model, val_images, tcfg.eval_batch_size, precision)
                     save_images(trainer.ema.model, val_images, os.path.join(out, "samples"), step)
                 row = {**(row or dict(step=step, epoch=step / steps_per_epoch)), **ev}
                 summary = ev

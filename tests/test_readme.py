@@ -14,11 +14,15 @@ import shlex
 
 import pytest
 
+import numpy as np
+
 from dvp_fast.cli import eval_main, sample_main
+from dvp_fast.data import load_images
+from dvp_fast.export import export_main
 from dvp_fast.train import main as train_main
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
-ENTRY_POINTS = {"dvp-train": train_main, "dvp-sample": sample_main, "dvp-eval": eval_main}
+ENTRY_POINTS = {"dvp-train": train_main, "dvp-sample": sample_main, "dvp-eval": eval_main, "dvp-export": export_main}
 
 
 def code_blocks(language: str) -> list[str]:
@@ -54,8 +58,10 @@ def _smaller(argv: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A folder with runs/mnist-embedded: a 2-step run of the main job's preset."""
+    """A folder with runs/mnist-embedded, a 2-step run of the main job's preset, and my_digits.npy,
+    a user's (N, 28, 28) uint8 digits (600 of the embedded ones)."""
     folder = tmp_path_factory.mktemp("readme")
+    np.save(folder / "my_digits.npy", load_images("embedded", "train")[:600, 0].numpy())
     run = str(folder / "runs" / "mnist-embedded")
     assert train_main(["--preset", "mnist", "--out", run, "--max-steps", "2", "--batch-size", "50",
                        "--no-progress"]) == 0

@@ -257,7 +257,8 @@ def _resumable(preset: str, **changes) -> dict:
     (lambda p: save_checkpoint(_resumable("omniglot"), p), "holds a run of preset 'omniglot' with another "
                                                              "configuration; choose a new --out"),
     (lambda p: torch.save({**_resumable("mnist"), "format_version": FORMAT_VERSION + 1}, p),
-     "cannot resume: .*last.pt: checkpoint format 2 is newer .* move .*last.pt away to start this run afresh"),
+     f"cannot resume: .*last.pt: checkpoint format {FORMAT_VERSION + 1} is newer .* move .*last.pt away to start "
+     f"this run afresh"),
     (lambda p: save_checkpoint({k: v for k, v in _resumable("mnist").items() if k not in ("trainer", "rng")}, p),
      "cannot resume: .*last.pt: not a training checkpoint that can be resumed: missing trainer, rng"),
     (lambda p: open(p, "wb").write(b"PK\x03\x04 half a file"), "cannot resume: .*last.pt: not a readable checkpoint"),
@@ -383,7 +384,7 @@ def test_a_nearly_full_disk_is_refused_before_training(small_runs, monkeypatch, 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(small_runs, monkeypatch, tmp_path, capsys):
     out = tmp_path / "runs" / "x"  # neither runs/ nor runs/x exists yet
     assert train.main(["--preset", "cifar10", "--out", str(out), "--max-steps", "1", *FAST]) == 2
-    assert "expects (3, 32, 32)" in one_error_line(capsys)
+    assert "expects RGB images of shape (3, 32, 32)" in one_error_line(capsys)
     assert not (tmp_path / "runs").exists()
 
     calls = []
