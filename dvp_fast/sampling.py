@@ -9,6 +9,8 @@ generative pass is a pure function of pre-drawn noise. That makes two fast paths
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 
@@ -16,8 +18,9 @@ class GraphedSampler:
     """`model._sample(n, temperature, steps, sampler)` captured as a CUDA graph.
 
     Replays read the current weights (they are captured by address), so training steps
-    and load_state_dict are seen; moving the model to another device is not (the cache
-    key includes the weight's address). Random draws differ at every replay.
+    and load_state_dict are seen; a moved or replaced tensor is not, so the cache key holds
+    every weight's and buffer's address (and the autocast state). Random draws differ at
+    every replay.
     """
 
     def __init__(self, model, n: int, temperature: float, steps: int, sampler: str, warmup: int = 2):
@@ -37,11 +40,30 @@ class GraphedSampler:
         return self.output.clone()
 
 
+MAX_GRAPHS = 4  # each captured graph keeps a private memory pool: an LRU bounds what they hold
+
+
+def graph_key(model, n: int, temperature: float, steps: int, sampler: str) -> tuple:
+    """Everything a captured sampler depends on: its arguments, the mode, the autocast state, and the
+    address of every weight and buffer (a graph reads them by address; a moved or replaced tensor
+    needs a new capture)."""
+    device = model.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) if device in ("cuda", "cpu") \
+        else None
+    addresses = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    return (n, float(temperature), steps, sampler, model.device, model.training, autocast, addresses)
+
+
 def graphed_sampler(model, n: int, temperature: float, steps: int, sampler: str) -> GraphedSampler:
-    cache = model.__dict__.setdefault("_graph_cache", {})
-    key = (n, temperature, steps, sampler, model.device, model.likelihood_head.weight.data_ptr(), model.training)
-    if key not in cache:
-        cache[key] = GraphedSampler(model, n, temperature, steps, sampler)
+    """The cached capture for these arguments (least recently used evicted beyond MAX_GRAPHS)."""
+    cache = model.__dict__.setdefault("_graph_cache", OrderedDict())
+    key = graph_key(model, n, temperature, steps, sampler)
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    while len(cache) >= MAX_GRAPHS:
+        cache.popitem(last=False)  # frees that graph and its memory pool
+    cache[key] = GraphedSampler(model, n, temperature, steps, sampler)
     return cache[key]
 
 

@@ -53,6 +53,21 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _auto_device_is_the_cpu(request, monkeypatch):
+    """`--device auto` (every CLI's default) means the CPU in tests: they assert what holds on a CPU
+    (bit-exact resume, CPU timings). Tests of CUDA behaviour (marked `cuda`) pass --device cuda."""
+    if request.node.get_closest_marker("cuda"):
+        return
+    import dvp_fast.cli as cli
+    import dvp_fast.train as train
+
+    cli_device, train_device = cli._device, train._device
+    monkeypatch.setattr(cli, "_device", lambda name: cli_device("cpu" if name == "auto" else name))
+    monkeypatch.setattr(train, "_device",
+                        lambda name, local_rank: train_device("cpu" if name == "auto" else name, local_rank))
+
+
 def pytest_report_header(config):
     header = [f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
     return header + ([f"NOTE: {TRITON_INTERPRETER_PROBLEM}"] if TRITON_INTERPRETER_PROBLEM else [])

@@ -27,7 +27,7 @@ from helpers import TINY
 
 STEPS = 6
 ARGS = ["--max-steps", str(STEPS), "--checkpoint-every", "1", "--batch-size", "50", "--log-every", "1",
-        "--eval-every", "100000", "--no-progress", "--seed", "11"]
+        "--eval-every", "100000", "--no-progress", "--seed", "11", "--device", "cpu"]
 # The ops run on the torch fallback in every process: the C++ kernels are rebuilt whenever csrc/ changes,
 # and a run compared bit for bit with another must not straddle two builds.
 RUNNER = f"""

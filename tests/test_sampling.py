@@ -72,3 +72,23 @@ def test_cuda_graph_sampler_matches_eager():
     torch.manual_seed(7)
     replay = m.sample(64, steps=10, compile=True)
     torch.testing.assert_close(replay, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_the_graph_cache_is_bounded_and_keyed_by_everything_a_capture_reads(monkeypatch):
+    """No GPU needed: the capture itself is replaced by a recorder. A capture is reused only for the
+    same arguments, mode, autocast state and weight addresses, and at most MAX_GRAPHS are kept."""
+    from dvp_fast import sampling
+
+    made = []
+    monkeypatch.setattr(sampling, "GraphedSampler", lambda *args: made.append(args) or object())
+    m = DVPVAE.from_preset("mnist", num_ch=8, diffusion_channels=16, diffusion_res_blocks=1).eval()
+    first = sampling.graphed_sampler(m, 8, 1.0, 10, "ancestral")
+    assert sampling.graphed_sampler(m, 8, 1.0, 10, "ancestral") is first and len(made) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sampling.graphed_sampler(m, 8, 1.0, 10, "ancestral") is not first
+    buried = m.blocks[-1].prior_net  # a weight the old key (one weight's address) did not watch
+    next(buried.parameters()).data = next(buried.parameters()).data.clone()
+    assert sampling.graphed_sampler(m, 8, 1.0, 10, "ancestral") is not first and len(made) == 3
+    for n in range(1, 10):
+        sampling.graphed_sampler(m, n, 1.0, 10, "ancestral")
+    assert len(m._graph_cache) == sampling.MAX_GRAPHS
