@@ -197,7 +197,7 @@ def make_cases(preset: str, batch: int, device: torch.device, backends: list[str
         cases.append(Case(
             "dml_log_prob", f"{preset}: x ({batch},3,{size},{size}), params ({batch},{params.shape[1]},{size},{size})",
             [params], lambda impl, leaves: [impl(target, leaves[0], m)],
-            _op_impls("dml_log_prob", backends, "dml_log_prob" in compile_groups),
+            _op_impls("dml_log_prob", backends, "dml_log_prob" in compile_groups, _dml_config_variants(backends)),
             # fwd reads params and x; bwd reads params and x again and writes d params; fused fwd+bwd needs
             # one read of params and x and one write of the gradient
             {"fwd": n_p + n_t, "bwd": 2 * n_p + n_t, "fwd+bwd": 2 * n_p + n_t}))
@@ -206,6 +206,22 @@ def make_cases(preset: str, batch: int, device: torch.device, backends: list[str
             lambda impl, leaves: [impl(leaves[0], 1.0, m)],
             _op_impls("dml_sample", backends, "dml_sample" in compile_groups), {"sample": n_p + n_t}, passes=("sample",)))
     return cases
+
+
+def _dml_config_variants(backends: list[str]) -> dict[str, Callable]:
+    """The Triton DML kernel at its other launch configurations (kernels/dml.py CONFIGS), for a GPU
+    measurement to choose the default from: rows "triton 32x4", "triton 64x8"..."""
+    if "triton" not in backends:
+        return {}
+    from dvp_fast.kernels import dml as dml_kernels
+
+    def at(name):
+        def call(x, params, num_mix):
+            with dml_kernels.use_config(name):
+                return ops.dml_log_prob(x, params, num_mix, backend="triton")
+        return call
+
+    return {f"triton {name}": at(name) for name in dml_kernels.CONFIGS if name != dml_kernels.DEFAULT_CONFIG}
 
 
 # --- timing ------------------------------------------------------------------------------------------------

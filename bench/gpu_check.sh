@@ -3,4 +3,4 @@
 #   DVP_GPU_CHECK_OUT=$OUT [DVP_GPU_CHECK_WHEELS=carry/wheels] bash bench/gpu_check.sh [--dry-run]
 set -u
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" bench/gpu_check.py "$@"
+exec "${PYTHON:-python3}" bench/gpu_check.py "$@"

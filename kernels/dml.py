@@ -13,6 +13,9 @@ log p(x) (summed afterwards on the host side of the graph, deterministically)
 and, when WANT_GRAD, d log p / d params for every element: the backward pass of
 the op is then a scale of that tensor by the incoming per-image gradient.
 """
+import contextlib
+import os
+
 import triton
 import triton.language as tl
 
@@ -22,18 +25,45 @@ LOG_SCALE_MAX = tl.constexpr(1.0)
 HALF_BIN = tl.constexpr(1.0 / 255.0)
 EDGE = tl.constexpr(0.999)  # |x| above this is the first or last of the 256 levels
 MASS_FLOOR = tl.constexpr(1e-10)  # interior bins: log(max(mass, MASS_FLOOR)), no gradient below it
-NUM_WARPS = 4
 # Integer arguments are never specialised (a 1-pixel image or a single block would otherwise be a
 # separate variant of Triton's JIT), so `compile_configs` lists every variant.
 _jit = triton.jit(do_not_specialize=["num_pixels", "num_blocks"])
 _jit_sample = triton.jit(do_not_specialize=["num_pixels"])
-# Pixels per program: a (16, 64) fp32 tile per quantity keeps registers in check with 4 warps.
-BLOCK_P_CHOICES = (64,)
+# Launch configurations, "pixels per program x warps". Registers of dml_log_prob_kernel with the
+# gradient (M = 10, fp32) in the sm_90 cubin, read with Triton's cuobjdump, no local memory (spills)
+# in any: triton 3.6: 64x4 179, 64x8 143, 32x4 141; triton 3.8: 168, 139, 108
+# (tests/test_kernels_compile.py measures and checks it). An earlier review reported 255 registers
+# with spills for 64x4 on triton 3.6; the kernel as it is now (rewritten since, to the reference
+# form) does not reproduce that. At 179 registers 64x4 fits two
+# 4-warp programs per SM, 32x4 three: the default stays until a GPU measurement (the "triton 32x4"
+# and "triton 64x8" rows of bench/run.py's dml_log_prob case) picks; DVP_FAST_DML_CONFIG picks one
+# for a process. Every configuration here is compiled by tests/test_kernels_compile.py.
+CONFIGS = {"64x4": (64, 4), "64x8": (64, 8), "32x4": (32, 4)}
+DEFAULT_CONFIG = "64x4"
+BLOCK_P_CHOICES = tuple(sorted({block for block, _ in CONFIGS.values()}))
 
 
-def block_pixels(num_pixels: int) -> int:
-    """Pixels per program (independent of the image size for now; a hook for tuning)."""
-    return BLOCK_P_CHOICES[0]
+_chosen: list[str] = []  # use_config's stack
+
+
+def launch_config() -> tuple[int, int]:
+    """(pixels per program, warps): use_config's choice, else DVP_FAST_DML_CONFIG, else DEFAULT_CONFIG."""
+    name = _chosen[-1] if _chosen else os.environ.get("DVP_FAST_DML_CONFIG", DEFAULT_CONFIG)
+    if name not in CONFIGS:
+        raise ValueError(f"DVP_FAST_DML_CONFIG={name!r}: expected one of {sorted(CONFIGS)}")
+    return CONFIGS[name]
+
+
+@contextlib.contextmanager
+def use_config(name: str):
+    """Launch the DML kernels with configuration `name` inside the block (the benchmarks compare them)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown DML launch configuration {name!r}: expected one of {sorted(CONFIGS)}")
+    _chosen.append(name)
+    try:
+        yield
+    finally:
+        _chosen.pop()
 
 
 def padded_mix(num_mix: int) -> int:
@@ -256,7 +286,7 @@ def compile_configs(dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16"), num_mixe
                "num_blocks": "i32", "temperature": "fp32"}
     for dtype in dtypes:
         for num_mix in num_mixes:
-            for block_p in BLOCK_P_CHOICES:
+            for block_p, num_warps in CONFIGS.values():
                 base = {"M": num_mix, "M_PAD": padded_mix(num_mix), "BLOCK_P": block_p}
                 for kernel, flags in ((dml_log_prob_kernel, ({"WANT_GRAD": False}, {"WANT_GRAD": True})),
                                       (dml_sample_kernel, ({},))):
@@ -264,4 +294,4 @@ def compile_configs(dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16"), num_mixe
                         consts = {**base, **extra}
                         sig = {n: "constexpr" if n in consts else special.get(n, f"*{dtype}")
                                for n in kernel.arg_names}
-                        yield kernel, sig, consts, NUM_WARPS
+                        yield kernel, sig, consts, num_warps

@@ -366,6 +366,20 @@ def test_log_prob_forward_backward(backend, shape, dtype):
         assert dtype != torch.float32 or facts["clamped_low"], "the data must reach the -8 log-scale clamp"
 
 
+@pytest.mark.parametrize("config", ["32x4", "64x8"])
+def test_every_triton_launch_configuration_is_the_same_function(config):
+    """The launch configurations a GPU measurement chooses between (kernels/dml.py CONFIGS) compute
+    the oracle's values, on an image that is not a multiple of any block (9 x 13 pixels)."""
+    from dvp_fast.kernels import dml as dml_kernels
+
+    if not ops.backend_available("triton"):
+        pytest.skip("the triton backend is not available here")
+    x, params = make_case(2, 9, 13, 10, torch.float32, device_for("triton"))
+    with dml_kernels.use_config(config):
+        assert dml_kernels.launch_config() == dml_kernels.CONFIGS[config]
+        check_against_oracle("triton", x, params, 10)
+
+
 @pytest.mark.parametrize("num_mix", [1, 3])
 def test_other_mixture_sizes(backend, num_mix):
     """M = 1 and a non-power-of-two M (padded components must carry no weight)."""

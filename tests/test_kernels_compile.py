@@ -149,7 +149,12 @@ def test_dispatcher_launches_only_listed_configurations(monkeypatch):
         return _Indexable(with_grid)
 
     monkeypatch.setattr(triton_backend, "_launch", recording_launch)
-    _calls_over_every_choice("cuda" if torch.cuda.is_available() else "cpu")
+    for config in dml.CONFIGS:  # every DML launch configuration a process can select
+        monkeypatch.setenv("DVP_FAST_DML_CONFIG", config)
+        _calls_over_every_choice("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("DVP_FAST_DML_CONFIG", "64x3")
+    with pytest.raises(ValueError, match="DVP_FAST_DML_CONFIG='64x3': expected one of"):
+        dml.launch_config()
     kernels_seen = {key[0] for key in launched}
     assert kernels_seen == {k.__name__ for k in (*dct.KERNELS, *gaussian_kl.KERNELS, *dml.KERNELS)}
     unlisted = launched - _listed_keys()
@@ -159,7 +164,7 @@ def test_dispatcher_launches_only_listed_configurations(monkeypatch):
     assert {dct.block_sizes(d, size) for size in range(1, dct.MAX_BLOCK + 1) for d in range(1, size + 1)} \
         == set(dct.all_block_sizes())
     assert {gaussian_kl.block_size(n) for n in range(1, 5000)} == set(gaussian_kl.BLOCK_CHOICES)
-    assert {dml.block_pixels(n) for n in range(1, 5000)} == set(dml.BLOCK_P_CHOICES)
+    assert dml.DEFAULT_CONFIG in dml.CONFIGS
 
 
 def test_launches_run_on_their_tensors_device(monkeypatch):
@@ -336,5 +341,50 @@ def test_torch_compile_fullgraph(name):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
 
 
+def _dml_register_use() -> dict:
+    """{config: (registers, local-memory bytes)} of dml_log_prob_kernel with the gradient, M = 10, fp32,
+    on sm_90: the cubin Triton builds (with its own ptxas), read by the cuobjdump Triton ships. No GPU
+    needed. Local memory is where spilled registers go."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dvp_fast.kernels import dml
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    kernel, usage = dml.dml_log_prob_kernel, {}
+    for name, (block_p, num_warps) in dml.CONFIGS.items():
+        sig, consts = next((sig, consts) for k, sig, consts, warps in dml.compile_configs(("fp32",), (10,))
+                           if k is kernel and consts["WANT_GRAD"] and consts["BLOCK_P"] == block_p
+                           and warps == num_warps)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n].startswith("*")}
+        compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        os.remove(f.name)
+        usage[name] = (int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"LOCAL:(\d+)", text).group(1)))
+    return usage
+
+
+def test_no_dml_launch_configuration_spills_registers_on_sm90(tmp_path):
+    """Issue 15 saw the DML gradient kernel at 255 registers with spills (triton 3.6). With the Triton
+    installed here, no configuration the dispatcher may pick uses local memory (spills) on sm_90."""
+    if not _backend._availability("triton")[0]:
+        pytest.skip("triton is not importable")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, __file__, "--dml-registers"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("dml_log_prob_kernel (gradient, M = 10) on sm_90, registers and local-memory bytes:", usage)
+    assert usage and all(local == 0 for _, local in usage.values()), usage
+
+
 if __name__ == "__main__":
-    print(json.dumps(_compile_all()))
+    print(json.dumps(_dml_register_use() if "--dml-registers" in sys.argv else _compile_all()))

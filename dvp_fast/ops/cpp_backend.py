@@ -240,6 +240,12 @@ def _native(t: torch.Tensor) -> torch.Tensor:
     return (t if t.dtype in _NATIVE else t.float()).contiguous()
 
 
+def _output(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, as an autograd.Function's output: a copy while torch.compile traces, because
+    torch 2.11's dynamo gave a zero gradient for an output that is the custom op's own result."""
+    return t.to(dtype, copy=torch.compiler.is_compiling())
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -253,7 +259,7 @@ class _DctCrop(torch.autograd.Function):
         y, ratio = _ops.dct_crop(xk, scale32, basis)
         ctx.save_for_backward(ratio, scale32, basis)
         ctx.dtypes = (x.dtype, xk.dtype, scale.dtype)
-        return y.to(x.dtype)
+        return _output(y, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -281,7 +287,7 @@ class _IdctPad(torch.autograd.Function):
         out, mask = _ops.idct_pad(uk, scale32, basis, size, True)
         ctx.save_for_backward(mask, uk, scale32, basis)
         ctx.dtypes = (u.dtype, scale.dtype)
-        return out.to(u.dtype)
+        return _output(out, u.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

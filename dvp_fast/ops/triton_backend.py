@@ -344,11 +344,12 @@ def gaussian_sample_kl_grouped_triton(layers):
 # --------------------------------------------------------------------------------------------------
 # Discretized mixture of logistics
 # --------------------------------------------------------------------------------------------------
-def _dml_grid(params: torch.Tensor) -> tuple[tuple[int, int], int, int]:
+def _dml_grid(params: torch.Tensor) -> tuple[tuple[int, int], int, int, int]:
+    """(grid, pixels per image, pixels per program, warps)."""
     num_pixels = params.shape[2] * params.shape[3]
-    block_p = dml_kernels.block_pixels(num_pixels)
+    block_p, num_warps = dml_kernels.launch_config()
     num_blocks = triton.cdiv(num_pixels, block_p)
-    return (params.shape[0], num_blocks), num_pixels, block_p
+    return (params.shape[0], num_blocks), num_pixels, block_p, num_warps
 
 
 def _dml_empty(x, params, num_mix, want_grad):
@@ -360,13 +361,13 @@ def _dml_empty(x, params, num_mix, want_grad):
 def _dml_log_prob_op(x: torch.Tensor, params: torch.Tensor, num_mix: int,
                      want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(x) (B,), d log p / d params or an empty tensor); one pass over params."""
-    grid, num_pixels, block_p = _dml_grid(params)
+    grid, num_pixels, block_p, num_warps = _dml_grid(params)
     partial = params.new_empty(grid, dtype=torch.float32)
     grad = torch.empty_like(params) if want_grad else params.new_empty(0)
     _launch(dml_kernels.dml_log_prob_kernel)[grid](
         x, params, partial, params if not want_grad else grad, num_pixels, grid[1],
         M=num_mix, M_PAD=dml_kernels.padded_mix(num_mix), BLOCK_P=block_p, WANT_GRAD=want_grad,
-        num_warps=dml_kernels.NUM_WARPS)
+        num_warps=num_warps)
     return partial.sum(1), grad
 
 
@@ -401,10 +402,10 @@ def dml_log_prob_triton(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> 
     params.shape[0], 3, params.shape[2], params.shape[3], dtype=torch.float32))
 def _dml_sample_op(params: torch.Tensor, seed: torch.Tensor, temperature: float, num_mix: int) -> torch.Tensor:
     out = params.new_empty(params.shape[0], 3, params.shape[2], params.shape[3], dtype=torch.float32)
-    grid, num_pixels, block_p = _dml_grid(params)
+    grid, num_pixels, block_p, num_warps = _dml_grid(params)
     _launch(dml_kernels.dml_sample_kernel)[grid](
         params, seed, out, num_pixels, temperature, M=num_mix, M_PAD=dml_kernels.padded_mix(num_mix),
-        BLOCK_P=block_p, num_warps=dml_kernels.NUM_WARPS)
+        BLOCK_P=block_p, num_warps=num_warps)
     return out
 
 

@@ -1,0 +1,20 @@
+"""python -m dvp_fast {train,sample,eval,export} ...: the command-line tools without their scripts on PATH."""
+import sys
+
+from .cli import eval_main, sample_main
+from .export import export_main
+from .train import main as train_main
+
+COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "export": export_main}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m dvp_fast {{{','.join(COMMANDS)}}} [options] (e.g. python -m dvp_fast train --help)",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
