@@ -6,7 +6,7 @@ optimiser, scheduler, RNG states and the position in the data. Since format 2 ev
 in it is a tensor or a plain Python value, so it loads with `torch.load(weights_only=True)`,
 which unpickles no objects and so runs no code from the file: that is the only way this
 module loads one. Format-1 files (which held numpy RNG state) are refused with the command
-that converts a trusted one: `python -m dvp_fast.checkpoint upgrade --trust FILE`.
+that converts a trusted one: `python -m dvp_fast upgrade-checkpoint --trust FILE`.
 
 torch.save writes a zip archive whose members carry CRC-32 checksums that torch.load
 never verifies; `load_checkpoint` verifies them, so a truncated file or a flipped bit in
@@ -143,7 +143,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except pickle.UnpicklingError as exc:  # weights_only met an object it will not build
         raise CheckpointError(f"{path}: refused: it holds pickled objects, and unpickling them could run code (a "
                               f"checkpoint of dvp_fast's format 1, or not dvp_fast's); if you trust the file, convert "
-                              f"it with: python -m dvp_fast.checkpoint upgrade --trust {path}") from exc
+                              f"it with: python -m dvp_fast upgrade-checkpoint --trust {path}") from exc
     except Exception as exc:  # damaged or foreign data raises almost any type
         raise CheckpointError(f"{path}: not a readable dvp_fast checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or "format_version" not in payload or "model_config" not in payload:
@@ -154,7 +154,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: invalid format_version {version!r}, expected an integer >= 1")
     if version < 2:
         raise CheckpointError(f"{path}: refused: checkpoint format {version} may hold pickled objects; if you trust "
-                              f"the file, convert it with: python -m dvp_fast.checkpoint upgrade --trust {path}")
+                              f"the file, convert it with: python -m dvp_fast upgrade-checkpoint --trust {path}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version} is newer than this dvp_fast understands "
                               f"({FORMAT_VERSION}); upgrade dvp_fast")
@@ -216,24 +216,20 @@ def upgrade_checkpoint(path: str) -> str:
     return backup
 
 
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dvp_fast.checkpoint",
-                                description="Convert trusted format-1 dvp_fast checkpoints to format 2.")
-    sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("upgrade", help="rewrite format-1 checkpoints in place (the originals kept as *.format1)")
-    up.add_argument("--trust", action="store_true", required=True,
-                    help="required: the files are unpickled, which runs any code they hold")
-    up.add_argument("paths", nargs="+")
+def upgrade_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dvp_fast upgrade-checkpoint",
+                                description="Rewrite trusted format-1 dvp_fast checkpoints in format 2, in place "
+                                            "(the originals kept as *.format1).")
+    p.add_argument("--trust", action="store_true", required=True,
+                   help="required: the files are unpickled, which runs any code they hold")
+    p.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
     for path in args.paths:
         try:
             backup = upgrade_checkpoint(path)
         except (OSError, CheckpointError, pickle.UnpicklingError) as exc:
-            print(f"dvp_fast.checkpoint: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            print(f"upgrade-checkpoint: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
-        print(f"dvp_fast.checkpoint: {path} is now format {FORMAT_VERSION} (original kept as {backup})")
+        print(f"upgrade-checkpoint: {path} is now format {FORMAT_VERSION} (original kept as {backup})")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -17,6 +17,7 @@ import torch
 
 from . import data as datasets
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from .diffusion import DiffusionPrior
 from .images import save_grid
 from .model import DVPVAE
 
@@ -125,7 +126,10 @@ def sample(args: argparse.Namespace) -> None:
     save_grid(images, args.out, nrow=args.nrow)
     if args.save_tensor:
         torch.save(images.cpu(), os.path.splitext(args.out)[0] + ".pt")
-    print(f"dvp-sample: {args.n} samples in {elapsed:.2f} s -> {args.out}")
+    steps = args.steps or model.config.sample_steps
+    used = model.sampler_for(steps) if isinstance(model.u_prior, DiffusionPrior) else None
+    how = {"student": f"the {steps}-step distilled student", "ancestral": f"{steps} ancestral steps"}.get(used)
+    print(f"dvp-sample: {args.n} samples in {elapsed:.2f} s -> {args.out}" + (f" (u: {how})" if how else ""))
 
 
 def sample_main(argv: list[str] | None = None) -> int:

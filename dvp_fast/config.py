@@ -84,9 +84,18 @@ class DVPConfig:
     diffusion_eval_steps: int = 25
     # Ancestral steps of the sampler (the paper uses 50).
     sample_steps: int = 50
+    # Step counts with a distilled few-step student sampler for u (dvp_fast.distill; beyond the
+    # paper). Each is a UNet like the prior's, used only for sampling, never for the likelihood.
+    distilled_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.latent_scales = tuple(int(n) for n in self.latent_scales)
+        self.distilled_steps = tuple(sorted({int(k) for k in self.distilled_steps}))
+        if any(k < 1 for k in self.distilled_steps):
+            raise ValueError(f"distilled_steps must be positive step counts, got {self.distilled_steps}")
+        if self.distilled_steps and not (self.pseudoinputs and self.prior == "diffusion"):
+            raise ValueError("distilled_steps needs the diffusion prior over pseudo-inputs (pseudoinputs=True, "
+                             f"prior='diffusion'), got pseudoinputs={self.pseudoinputs}, prior={self.prior!r}")
         _check_choice("likelihood", self.likelihood, ("bernoulli", "dml"))
         _check_choice("pseudoinput_type", self.pseudoinput_type, ("dct", "downsample"))
         _check_choice("pseudoinput_scale", self.pseudoinput_scale, ("max", "floor"))
@@ -155,6 +164,7 @@ class DVPConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["latent_scales"] = list(self.latent_scales)
+        d["distilled_steps"] = list(self.distilled_steps)
         return d
 
     @classmethod

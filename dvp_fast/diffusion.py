@@ -34,7 +34,12 @@ class DiffusionPrior(nn.Module):
             raise ValueError(f"gamma_min ({gamma_min}) must be below gamma_max ({gamma_max})")
         self.shape = (channels, size, size)
         self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
-        self.unet = UNet(channels, model_channels, res_blocks, dropout, groups)
+        self._unet_args = (channels, model_channels, res_blocks, dropout, groups)
+        self.unet = UNet(*self._unet_args)
+
+    def new_unet(self) -> UNet:
+        """A freshly initialised UNet of the prior's architecture (a distilled student's body)."""
+        return UNet(*self._unet_args)
 
     # --- schedule -------------------------------------------------------------------------
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
@@ -114,16 +119,20 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, steps: int, temperature: float = 1.0, device: torch.device | str | None = None,
-               sampler: str = "ancestral", step_fn=None) -> torch.Tensor:
+               sampler: str = "ancestral", step_fn=None, unet: nn.Module | None = None) -> torch.Tensor:
         """u ~ r_hat in `steps` steps, (n, C, d, d); `temperature` multiplies every variance.
 
         `step_fn` replaces `denoise_step` (a compiled version of it, say); noise is drawn here,
-        outside it, so that compiled and eager sampling consume the RNG identically.
+        outside it, so that compiled and eager sampling consume the RNG identically. `unet`
+        replaces the prior's own eps-network (a distilled student's, which samples with the
+        ancestral update).
         """
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         device = torch.device(device) if device is not None else next(self.parameters()).device
-        step_fn = step_fn or self.denoise_step
+        if step_fn is None:
+            step_fn = self.denoise_step if unet is None else (lambda z, row, noise: self.denoise_step(z, row, noise,
+                                                                                                     unet))
         noise_scale = math.sqrt(temperature)
         table = self._cached_coefficients(int(steps), sampler, device)
         was_training = self.training
@@ -136,10 +145,11 @@ class DiffusionPrior(nn.Module):
         alpha0 = math.sqrt(_sigmoid(-self.gamma_min))
         return z / alpha0  # mean of p(u | z_0) = N(z_0 / alpha_0, e^gamma_min)
 
-    def denoise_step(self, z: torch.Tensor, row: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    def denoise_step(self, z: torch.Tensor, row: torch.Tensor, noise: torch.Tensor | None,
+                     unet: nn.Module | None = None) -> torch.Tensor:
         """One sampler step z_t -> z_s given a row of `sampler_coefficients` and (scaled) noise."""
         t, inv_alpha, sigma, coef_z, coef_x, std = row.unbind()
-        eps_hat = self.unet(z, t.expand(z.shape[0])).float()
+        eps_hat = (unet or self.unet)(z, t.expand(z.shape[0])).float()
         x_hat = ((z - sigma * eps_hat) * inv_alpha).clamp(-1.0, 1.0)
         z_s = coef_z * z + coef_x * x_hat
         return z_s if noise is None else z_s + std * noise

@@ -159,6 +159,10 @@ class DVPVAE(nn.Module):
             self.u_prior = MoGPrior(self.pseudo.shape, cfg.mog_components)
         elif cfg.prior == "vampprior":
             self.vamp = VampPseudoImages(cfg.num_pseudoinputs, (c, size, size))
+        # Distilled few-step samplers for u (dvp_fast.distill): sampling only, frozen, never in the ELBO.
+        self.u_students = nn.ModuleDict()
+        for k in cfg.distilled_steps:
+            self.add_student(k, self.u_prior.new_unet())
 
     # --- construction -----------------------------------------------------------------------------
     @classmethod
@@ -210,6 +214,37 @@ class DVPVAE(nn.Module):
         from .pretrained import save_pretrained
 
         return save_pretrained(self, folder, metadata)
+
+    # --- distilled few-step samplers -----------------------------------------------------------------
+    def add_student(self, steps: int, unet: nn.Module) -> None:
+        """Register `unet` as the distilled eps-network of the `steps`-step sampler (frozen) and record
+        it in config.distilled_steps, so that checkpoints and pretrained folders rebuild it."""
+        import dataclasses
+
+        steps = _positive_int("steps", steps)
+        if not isinstance(self.u_prior, DiffusionPrior):
+            raise ValueError("only a model with the diffusion prior over pseudo-inputs has students")
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        self.u_students[str(steps)] = unet.to(self.likelihood_head.weight.device)
+        if steps not in self.config.distilled_steps:
+            self.config = dataclasses.replace(self.config,
+                                              distilled_steps=(*self.config.distilled_steps, steps))
+
+    def sampler_for(self, steps: int | None = None, sampler: str | None = None) -> str:
+        """The sampler `sample(steps=..., sampler=...)` uses: "student" (the distilled `steps`-step one)
+        when sampler is None and a student for `steps` exists, else "ancestral"; explicit names as given."""
+        steps = self.config.sample_steps if steps is None else steps
+        if sampler is None:
+            return "student" if str(steps) in self.u_students else "ancestral"
+        if sampler == "student" and str(steps) not in self.u_students:
+            have = sorted(int(k) for k in self.u_students)
+            raise ValueError(f"no distilled student for {steps} steps (this model has students for {have or 'none'};"
+                             f" dvp-distill makes them)")
+        if sampler not in (*DiffusionPrior.SAMPLERS, "student"):
+            raise ValueError(f"sampler must be one of {(*DiffusionPrior.SAMPLERS, 'student')} or None, "
+                             f"got {sampler!r}")
+        return sampler
 
     @property
     def num_latents(self) -> int:
@@ -480,13 +515,15 @@ class DVPVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, steps: int | None = None, compile: bool = False,
-               sampler: str = "ancestral") -> torch.Tensor:
+               sampler: str | None = None) -> torch.Tensor:
         """n images (n, C, D, D) in [-1, 1]: u from its prior in `steps` steps, then the decoder.
 
         `temperature` multiplies the variance of every latent, u's sampler included, and of a
         DML head's logistics (0 gives the prior means all the way down). Bernoulli models
         return the mean image, DML models an 8-bit sample. `sampler="ddim"` is the
-        deterministic respaced sampler for few steps. `compile=True` captures the whole sampler
+        deterministic respaced sampler for few steps; `sampler=None` (the default) uses the distilled
+        student for `steps` where the model has one (dvp-distill), else "ancestral"
+        (`model.sampler_for(steps)` says which). `compile=True` captures the whole sampler
         as one CUDA graph on a GPU (cached per n, steps, temperature and sampler), and uses
         torch.compile for the diffusion step and the decoder elsewhere; the first call pays
         the capture or compilation. It is meant for GPUs: on a CPU the compiled sampler is only
@@ -495,8 +532,7 @@ class DVPVAE(nn.Module):
         n = _positive_int("n", n)
         temperature = _temperature(temperature)
         steps = self.config.sample_steps if steps is None else _positive_int("steps", steps)
-        if sampler not in DiffusionPrior.SAMPLERS:
-            raise ValueError(f"sampler must be one of {DiffusionPrior.SAMPLERS}, got {sampler!r}")
+        sampler = self.sampler_for(steps, sampler)
         if compile and self.device.type == "cuda":
             from .sampling import graphed_sampler
 
@@ -511,7 +547,10 @@ class DVPVAE(nn.Module):
     def _sample(self, n: int, temperature: float, steps: int, sampler: str, fns: dict | None = None):
         """The sampler itself: no host syncs, so it can be captured as a CUDA graph."""
         u = None
-        if self.u_prior is not None:
+        if self.u_prior is not None and sampler == "student":  # the ancestral update, the student's network
+            u = self.u_prior.sample(n, steps=steps, temperature=temperature, device=self.device, sampler="ancestral",
+                                    unet=self.u_students[str(steps)])
+        elif self.u_prior is not None:
             step_fn = fns["diffusion_step"] if fns else None
             u = self.u_prior.sample(n, steps=steps, temperature=temperature, device=self.device, sampler=sampler,
                                     step_fn=step_fn)

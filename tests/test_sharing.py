@@ -6,6 +6,7 @@ weights_only=False, so it could fail), and no entry point of dvp_fast may run it
 import json
 import os
 import pickle
+import subprocess
 import sys
 import types
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from dvp_fast import DVPVAE
-from dvp_fast.checkpoint import CheckpointError, _main as checkpoint_main, load_checkpoint
+from dvp_fast.checkpoint import CheckpointError, load_checkpoint, upgrade_main as checkpoint_main
 from dvp_fast.cli import eval_main, sample_main
 from dvp_fast.export import export_main
 from dvp_fast.train import main as train_main
@@ -131,16 +132,19 @@ def _format1_checkpoint(run_folder: str, path: str) -> tuple:
 def test_a_format1_checkpoint_is_refused_and_converts(run_folder, tmp_path, capsys):
     old = str(tmp_path / "old.pt")
     state = _format1_checkpoint(run_folder, old)
-    with pytest.raises(CheckpointError, match=r"python -m dvp_fast.checkpoint upgrade --trust .*old\.pt"):
+    with pytest.raises(CheckpointError, match=r"python -m dvp_fast upgrade-checkpoint --trust .*old\.pt"):
         load_checkpoint(old)
-    assert checkpoint_main(["upgrade", "--trust", old]) == 0
+    # As a user runs it: the command the refusal names (its module runs as __main__ without warnings).
+    proc = subprocess.run([sys.executable, "-m", "dvp_fast", "upgrade-checkpoint", "--trust", old], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "is now format 2" in proc.stdout and not proc.stderr.strip(), proc.stderr
     assert os.path.exists(old + ".format1")
     payload = load_checkpoint(old)
     assert payload["format_version"] == 2
     keys = payload["rng"]["numpy"]["keys"].numpy().astype(np.uint32)
     assert np.array_equal(keys, state[1]) and payload["rng"]["numpy"]["pos"] == state[2]
     # Converting twice is refused, the original stays.
-    assert checkpoint_main(["upgrade", "--trust", old]) == 2
+    assert checkpoint_main(["--trust", old]) == 2
     assert "only format 1" in capsys.readouterr().err
 
 

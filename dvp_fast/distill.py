@@ -1,0 +1,142 @@
+"""Few-step samplers for the diffusion prior over u, distilled from a trained model (beyond the paper).
+
+    from dvp_fast.distill import distill
+    report = distill(model, steps=(1, 2, 4))    # adds model.u_students["1"], ["2"], ["4"]
+    images = model.sample(1000, steps=4)        # uses the 4-step student (model.sampler_for(4) == "student")
+
+The method, and why (bench/results/distill-*.md has the measurements). Progressive distillation,
+consistency distillation and ECT all compress the teacher's deterministic probability-flow path
+(its DDIM sampler). On the mnist prior trained here that path ends away from the data: DDIM's
+samples sit at energy distance 0.17 to 0.18 from held-out pseudo-inputs at every step count, with
+a per-dimension spread 1.7 times the data's, where the 50-step ancestral sampler is at 0.048, as
+close as real pseudo-inputs are (bench/results/sampler-quality-2026-12-01.md). A student that
+reproduced the deterministic path faithfully would inherit that gap. So the student is fitted to
+the teacher's *output distribution* instead: a k-step ancestral sampler whose eps-network starts
+as a copy of the teacher's and is trained, through its k steps (noise reparameterised), to
+minimise the energy distance (Székely & Rizzo; kernel-free, zero only for equal distributions)
+between its samples and samples of the teacher's 50-step ancestral sampler, drawn once.
+
+The student is a sampler only: the likelihood (ELBO, `nll`, training) always uses the full prior.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+
+import torch
+
+from .diffusion import DiffusionPrior, _sigmoid
+
+TEACHER_STEPS = 50
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| between the rows of x and y (flattened),
+    with the unbiased within-sample means (diagonals left out); differentiable."""
+    x, y = x.flatten(1).float(), y.flatten(1).float()
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"energy_distance needs at least 2 rows per sample, got {n} and {m}")
+    xy = torch.cdist(x, y).mean()
+    xx = torch.cdist(x, x).sum() / (n * (n - 1))
+    yy = torch.cdist(y, y).sum() / (m * (m - 1))
+    return 2 * xy - xx - yy
+
+
+def student_sample(prior: DiffusionPrior, unet: torch.nn.Module, n: int, steps: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """u from the k-step ancestral sampler with `unet` as the eps-network, differentiable in its weights
+    (the same update as DiffusionPrior.sample(sampler="ancestral", unet=unet), with gradients)."""
+    device = next(unet.parameters()).device
+    table = prior.sampler_coefficients(steps, "ancestral", device)
+    z = torch.randn(n, *prior.shape, device=device, generator=generator)
+    for k in range(steps):
+        noise = torch.randn(z.shape, device=device, generator=generator)
+        z = prior.denoise_step(z, table[k], noise, unet)
+    return z / math.sqrt(_sigmoid(-prior.gamma_min))
+
+
+@torch.no_grad()
+def teacher_samples(prior: DiffusionPrior, n: int, steps: int = TEACHER_STEPS, batch: int = 1000) -> torch.Tensor:
+    """n samples of the teacher's own `steps`-step ancestral sampler (what the students are fitted to)."""
+    return torch.cat([prior.sample(min(batch, n - i), steps=steps, sampler="ancestral")
+                      for i in range(0, n, batch)])
+
+
+def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterations: int = 400,
+                batch_size: int = 256, lr: float = 3e-4, init: torch.nn.Module | None = None,
+                progress: bool = False, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
+    """A `steps`-step student eps-network fitted to `targets` (teacher samples); returns it and its losses.
+
+    Adam (learning rate decayed to zero on a cosine) on the energy distance between a batch of student
+    samples and a batch of targets, the student initialised from `init` (default: the teacher's
+    eps-network).
+    """
+    if targets.shape[0] < 2 * batch_size:
+        raise ValueError(f"distillation needs at least {2 * batch_size} teacher samples for batch {batch_size}, "
+                         f"got {targets.shape[0]}")
+    student = copy.deepcopy(init if init is not None else prior.unet).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    # Cosine decay to zero: the energy-distance gradient of a batch is noisy, the last iterate settles.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
+    generator = torch.Generator(device=targets.device).manual_seed(seed)
+    losses = []
+    from tqdm import tqdm
+
+    with tqdm(total=iterations, desc=f"dvp-distill {steps}-step", unit="it", disable=not progress,
+              file=sys.stderr, mininterval=1.0) as bar:
+        for _ in range(iterations):
+            rows = torch.randint(0, targets.shape[0], (batch_size,), device=targets.device, generator=generator)
+            loss = energy_distance(student_sample(prior, student, batch_size, steps, generator), targets[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(energy=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
+    return student.eval(), losses
+
+
+def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256, lr: float = 3e-4,
+            teacher_n: int = 4096, progress: bool = True, seed: int = 0) -> dict:
+    """Distil `model`'s diffusion prior into students for each of `steps`, added to the model in place.
+
+    Draws `teacher_n` samples of the teacher's 50-step ancestral sampler, fits one student per step
+    count to them, and scores each against `teacher_n / 2` fresh teacher samples (energy distance;
+    the same score for a second fresh teacher draw is the noise floor). Returns the report.
+    """
+    prior = model.u_prior
+    if not isinstance(prior, DiffusionPrior):
+        raise ValueError("distillation needs a model with the diffusion prior over pseudo-inputs")
+    steps = sorted({int(k) for k in steps})
+    if not steps or steps[0] < 1:
+        raise ValueError(f"steps must be positive step counts, got {steps}")
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    targets = teacher_samples(prior, teacher_n)
+    held_out, second = teacher_samples(prior, teacher_n // 2), teacher_samples(prior, teacher_n // 2)
+    report = dict(teacher_steps=TEACHER_STEPS, teacher_samples=teacher_n, iterations=iterations,
+                  batch_size=batch_size, lr=lr, seed=seed, students={},
+                  teacher_noise_floor=float(energy_distance(second, held_out)))
+    init = None
+    for k in sorted(steps, reverse=True):  # each student starts from the one with more steps
+        fit_start = time.perf_counter()
+        student, losses = distill_one(prior, k, targets, iterations, batch_size, lr, init, progress, seed + k)
+        with torch.no_grad():
+            before = float(energy_distance(student_sample(prior, prior.unet, teacher_n // 2, k), held_out))
+            after = float(energy_distance(student_sample(prior, student, teacher_n // 2, k), held_out))
+        model.add_student(k, student)
+        report["students"][str(k)] = dict(energy_distance=after, teacher_at_these_steps=before,
+                                          final_loss=sum(losses[-20:]) / len(losses[-20:]),
+                                          seconds=round(time.perf_counter() - fit_start, 1))
+        init = student
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    model.train(was_training)
+    return report

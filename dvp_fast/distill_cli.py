@@ -1,0 +1,56 @@
+"""dvp-distill: few-step students for a trained model's pseudo-input sampler (see dvp_fast.distill).
+
+    dvp-distill --checkpoint runs/mnist-full --steps 1 2 4        # writes runs/mnist-full/distilled.pt
+    dvp-sample --checkpoint runs/mnist-full/distilled.pt --steps 4 --out samples.png
+"""
+from __future__ import annotations
+
+import os
+
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .cli import OneLineParser, _device, _positive, _run
+from .distill import distill
+from .model import DVPVAE
+
+
+def run_distill(args) -> None:
+    path = resolve_checkpoint(args.checkpoint)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "distilled.pt")
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists: pass another --out (nothing was overwritten)")
+    source = load_checkpoint(path)
+    model = DVPVAE.from_checkpoint(path, ema=not args.raw_weights).to(_device(args.device))
+    report = distill(model, steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                     teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed)
+    # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration.
+    payload = dict(model_config=model.config.to_dict(), model=model.cpu().state_dict(),
+                   run=dict(source.get("run", {}), distilled_from=os.path.abspath(path)),
+                   step=source.get("step"), distill=report)
+    if "train_config" in source:
+        payload["train_config"] = source["train_config"]
+    save_checkpoint(payload, out)
+    floor = report["teacher_noise_floor"]
+    for k, r in sorted(report["students"].items(), key=lambda kv: int(kv[0])):
+        print(f"dvp-distill: {k}-step student: energy distance to the {report['teacher_steps']}-step teacher "
+              f"{r['energy_distance']:.4f} (the teacher itself in {k} steps: {r['teacher_at_these_steps']:.4f}; "
+              f"teacher against itself: {floor:.4f}), {r['seconds']:.0f} s")
+    print(f"dvp-distill: wrote {out}; sample with: dvp-sample --checkpoint {out} --steps {max(args.steps)} ...")
+
+
+def distill_main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog="dvp-distill", description="Distil a trained model's diffusion prior into few-step "
+                                                      "samplers (1, 2 or 4 steps, say).")
+    p.add_argument("--checkpoint", required=True, help="run folder (uses best.pt) or a .pt file")
+    p.add_argument("--steps", type=_positive(int), nargs="+", default=[1, 2, 4], help="step counts to distil")
+    p.add_argument("--out", default=None, help="checkpoint to write (default: distilled.pt beside the source)")
+    p.add_argument("--iterations", type=_positive(int), default=400, help="optimisation steps per student")
+    p.add_argument("--batch-size", type=_positive(int), default=256)
+    p.add_argument("--lr", type=_positive(float), default=3e-4)
+    p.add_argument("--teacher-samples", type=_positive(int), default=4096,
+                   help="samples of the 50-step teacher to fit and to score against")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw-weights", action="store_true", help="distil the training weights, not their EMA")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return _run("dvp-distill", run_distill, p.parse_args(argv))

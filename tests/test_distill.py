@@ -1,0 +1,152 @@
+"""Distilled few-step samplers: a closed-form oracle, and the model and file plumbing around them.
+
+The oracle: for Gaussian data x ~ N(mu, s^2) (per dimension) the exact eps-predictor of the VP
+process is eps(z, t) = sigma_t (z - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2), written here from the
+formulas (it shares no code with dvp_fast). A teacher with that network samples N(mu, s^2 + e^gamma_min)
+in the limit of many steps (the last term is p(u | z_0)'s own variance); the students distilled
+from its 1000-step samples must sample the same moments in 1 and 2 steps, where the teacher itself
+is far off.
+"""
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from dvp_fast import DVPVAE
+from dvp_fast.diffusion import DiffusionPrior
+from dvp_fast.distill import distill, distill_one, energy_distance, teacher_samples
+
+MU, S = 0.3, 0.2
+GAMMA_MIN, GAMMA_MAX = -6.0, 7.0  # the mnist preset's schedule
+
+
+class ExactGaussianEps(nn.Module):
+    """The exact eps-predictor of N(MU, S^2) data, plus a learnable affine correction a(t) z + b(t)
+    that starts at zero: a student family that holds the exact few-step maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.correction = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 2))
+        nn.init.zeros_(self.correction[2].weight)
+        nn.init.zeros_(self.correction[2].bias)
+
+    def forward(self, z, t):
+        g = (GAMMA_MIN + (GAMMA_MAX - GAMMA_MIN) * t.double()).view(-1, 1, 1, 1)
+        a2, s2 = torch.sigmoid(-g), torch.sigmoid(g)
+        exact = (s2.sqrt() * (z.double() - a2.sqrt() * MU) / (a2 * S ** 2 + s2)).float()
+        a, b = self.correction(t.float().view(-1, 1)).unbind(1)
+        return exact + a.view(-1, 1, 1, 1) * z + b.view(-1, 1, 1, 1)
+
+
+def oracle_prior() -> DiffusionPrior:
+    prior = DiffusionPrior(1, 2, 16, 1, 0.0, 16, GAMMA_MIN, GAMMA_MAX)
+    prior.unet = ExactGaussianEps()
+    return prior
+
+
+def moments(u: torch.Tensor) -> tuple[float, float]:
+    return float(u.mean()), float(u.std())
+
+
+def test_energy_distance_is_zero_only_for_equal_distributions():
+    torch.manual_seed(0)
+    a, b = torch.randn(4000, 3), torch.randn(4000, 3)
+    assert abs(float(energy_distance(a, b))) < 0.01
+    # Closed form in one dimension for N(0,1) against N(d,1): 2 E|X-Y| - 2 E|X-X'|, E|N(m, v)| known.
+    d = 1.0
+    e_abs = lambda m, v: math.sqrt(2 * v / math.pi) * math.exp(-m * m / (2 * v)) + m * math.erf(m / math.sqrt(2 * v))
+    expected = 2 * e_abs(d, 2.0) - 2 * e_abs(0.0, 2.0)
+    got = float(energy_distance(torch.randn(20000, 1), torch.randn(20000, 1) + d))
+    assert got == pytest.approx(expected, abs=0.02)
+
+
+@pytest.mark.slow
+def test_students_of_the_exact_gaussian_prior_reproduce_its_moments_in_one_and_two_steps():
+    torch.manual_seed(0)
+    prior = oracle_prior()
+    target_std = math.sqrt(S ** 2 + math.exp(GAMMA_MIN))
+    teacher = teacher_samples(prior, 8192, steps=1000)  # the many-step limit (50 steps shrink the spread 6 %)
+    t_mean, t_std = moments(teacher)
+    assert t_mean == pytest.approx(MU, abs=0.005) and t_std == pytest.approx(target_std, rel=0.02)
+    init = None
+    for steps in (2, 1):
+        student, losses = distill_one(prior, steps, teacher, iterations=300, batch_size=256, lr=3e-3, init=init,
+                                      seed=steps)
+        init = student
+        with torch.no_grad():
+            before = moments(prior.sample(20000, steps=steps, sampler="ancestral"))
+            after = moments(prior.sample(20000, steps=steps, sampler="ancestral", unet=student))
+        # The teacher itself is off in so few steps; the student is not (stated tolerances: the mean
+        # within 0.01, the standard deviation within 5 %, over 20,000 samples).
+        assert abs(before[0] - MU) > 0.02 or abs(before[1] / target_std - 1) > 0.1, before
+        assert after[0] == pytest.approx(MU, abs=0.01), (steps, after)
+        assert after[1] == pytest.approx(target_std, rel=0.05), (steps, after)
+        assert losses[-1] < losses[0]
+
+
+def small_model(**overrides) -> DVPVAE:
+    torch.manual_seed(0)
+    model = DVPVAE.from_preset("mnist", num_ch=8, diffusion_channels=16, diffusion_res_blocks=1, **overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
+    model = small_model()
+    report = distill(model, steps=(1, 2), iterations=3, batch_size=32, teacher_n=64, progress=False)
+    assert set(report["students"]) == {"1", "2"} and model.config.distilled_steps == (1, 2)
+    assert model.sampler_for(2) == "student" and model.sampler_for(4) == "ancestral"
+    assert model.sampler_for(2, "ddim") == "ddim"
+    with pytest.raises(ValueError, match=r"no distilled student for 4 steps \(this model has students for \[1, 2\]"):
+        model.sample(2, steps=4, sampler="student")
+    assert model.sample(3, steps=2).shape == (3, 1, 28, 28)
+    # The student is what samples: changing it changes the samples, the teacher's network stays out.
+    torch.manual_seed(5)
+    a = model.sample(4, steps=2)
+    with torch.no_grad():
+        for p in model.u_students["2"].parameters():
+            p.add_(0.5)
+    torch.manual_seed(5)
+    assert not torch.equal(a, model.sample(4, steps=2))
+    # Frozen: training never updates a student, and the likelihood never uses one.
+    assert all(not p.requires_grad for p in model.u_students.parameters())
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    plain = small_model()  # the same weights without students: the same ELBO, draw for draw
+    torch.manual_seed(1)
+    plain_elbo = plain(x).elbo
+    torch.manual_seed(1)
+    assert torch.equal(model(x).elbo, plain_elbo)
+    # Saved with the model, in both formats, and rebuilt from the configuration on load.
+    model.save_pretrained(str(tmp_path / "shared"))
+    loaded = DVPVAE.from_pretrained(str(tmp_path / "shared"))
+    assert loaded.config.distilled_steps == (1, 2)
+    saved, restored = model.u_students.state_dict(), loaded.u_students.state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+
+
+def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path, capsys):
+    from dvp_fast.cli import sample_main
+    from dvp_fast.distill_cli import distill_main
+    from dvp_fast.train import main as train_main
+
+    run = str(tmp_path / "run")
+    assert train_main(["--out", run, "--max-steps", "1", "--batch-size", "10", "--no-progress"]) == 0
+    out = str(tmp_path / "run" / "distilled.pt")
+    assert distill_main(["--checkpoint", run, "--steps", "2", "--iterations", "2", "--batch-size", "16",
+                         "--teacher-samples", "48", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "2-step student" in printed and os.path.exists(out)
+    distilled = DVPVAE.from_checkpoint(out)
+    assert distilled.config.distilled_steps == (2,)
+    assert torch.load(out, weights_only=True)["distill"]["students"]["2"]["energy_distance"] >= -1
+    png = str(tmp_path / "s.png")
+    assert sample_main(["--checkpoint", out, "--n", "4", "--steps", "2", "--out", png, "--no-progress"]) == 0
+    assert "2-step distilled student" in capsys.readouterr().out
+    # The run's own checkpoints are untouched, and a second distillation never overwrites the first.
+    assert DVPVAE.from_checkpoint(run).config.distilled_steps == ()
+    assert distill_main(["--checkpoint", run, "--steps", "2", "--iterations", "1", "--no-progress"]) == 2
+    assert "exists" in capsys.readouterr().err
