@@ -59,7 +59,10 @@ def reference_log_prob(x, params, num_mix):
     logits = params[:, :m]
     per_colour = params[:, m:].reshape(b, 3, 3 * m, h, w)
     raw_log_scale = per_colour[:, :, m:2 * m]
-    log_scale = torch.clamp(raw_log_scale, min=-8.0, max=1.0)
+    # The clamp with a zero gradient on its edges too (the kernels' rule), written out: torch.clamp's own
+    # backward at exactly -8 or 1 (which bf16 inputs hit) differs between torch releases.
+    inside = (raw_log_scale > -8.0) & (raw_log_scale < 1.0)
+    log_scale = torch.where(inside, raw_log_scale, raw_log_scale.detach().clamp(-8.0, 1.0))
     coeff = torch.tanh(per_colour[:, :, 2 * m:])
     red, green, blue = x[:, 0:1], x[:, 1:2], x[:, 2:3]  # (B, 1, H, W): broadcast over components
     mean = [per_colour[:, 0, :m],

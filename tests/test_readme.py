@@ -6,7 +6,7 @@ runs/mnist-embedded, where the README's main job would have left one. Three kind
 covered elsewhere and skipped here: `pip install` (CI installs exactly so), `pytest` (this
 suite), and the main job itself (tests/test_main_job.py runs it as written). Slow commands run
 at small sizes: a dvp-train line gets --max-steps 2 instead of its length, a dvp-eval line
---limit 4.
+--limit 4, a dvp-distill line 2 iterations on 64 teacher samples.
 """
 import os
 import re
@@ -18,11 +18,13 @@ import numpy as np
 
 from dvp_fast.cli import eval_main, sample_main
 from dvp_fast.data import load_images
+from dvp_fast.distill_cli import distill_main
 from dvp_fast.export import export_main
 from dvp_fast.train import main as train_main
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
-ENTRY_POINTS = {"dvp-train": train_main, "dvp-sample": sample_main, "dvp-eval": eval_main, "dvp-export": export_main}
+ENTRY_POINTS = {"dvp-train": train_main, "dvp-sample": sample_main, "dvp-eval": eval_main, "dvp-export": export_main,
+                "dvp-distill": distill_main}
 
 
 def code_blocks(language: str) -> list[str]:
@@ -53,6 +55,8 @@ def _smaller(argv: list[str]) -> list[str]:
         args += ["--max-steps", "2", "--no-progress"]
     if name == "dvp-eval" and "--limit" not in args:
         args += ["--limit", "4"]
+    if name == "dvp-distill":
+        args += ["--iterations", "2", "--batch-size", "16", "--teacher-samples", "64", "--no-progress"]
     return args
 
 

@@ -7,7 +7,7 @@ Channel layout of `params` (B, M (3C + 1), H, W) with C = 3 and M = num_mix:
     means [0:M], log-scales [M:2M] and coupling coefficients [2M:3M].
 Coefficients go through tanh; the means are coupled autoregressively,
 mu_G += c0 x_R and mu_B += c1 x_R + c2 x_G; log-scales are hard-clamped to [-8, 1]
-(no gradient to the raw log-scale outside, as torch.clamp).
+(no gradient to the raw log-scale outside the range or on its edges, as in the kernels).
 Each sub-pixel's bin [x - 1/255, x + 1/255] gets the log of its logistic mass floored
 at 1e-10 (no gradient where the mass is below the floor); the first and last of the
 256 levels take the whole left and right tail. (PixelCNN++ instead clamps the
@@ -74,7 +74,7 @@ def split_params(params: torch.Tensor, num_mix: int):
     logits = params[:, :num_mix]
     rest = params[:, num_mix:].reshape(b, 3, 3 * num_mix, h, w)
     means = rest[:, :, :num_mix]
-    log_scales = rest[:, :, num_mix:2 * num_mix].clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+    log_scales = clamp_flat_at_edges(rest[:, :, num_mix:2 * num_mix], LOG_SCALE_MIN, LOG_SCALE_MAX)
     coeffs = torch.tanh(rest[:, :, 2 * num_mix:])
     return logits, means, log_scales, coeffs
 
@@ -87,6 +87,12 @@ def _coupled_means(means, coeffs, x):
     mu_b = means[:, 2] + coeffs[:, 1] * x_r + coeffs[:, 2] * x_g
     return torch.stack([mu_r, mu_g, mu_b], dim=1)
 
+
+def clamp_flat_at_edges(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp(v, lo, hi) whose gradient is 0 on the edges too, the kernels' rule. Written out because
+    torch.clamp's own backward at exactly lo or hi (which bf16 log-scales hit) is not the same in every
+    torch release: 2.11 passes the gradient there, 2.14 does not."""
+    return torch.where((v > lo) & (v < hi), v, v.detach().clamp(lo, hi))
 
 @register("dml_log_prob", "torch")
 def dml_log_prob_torch(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> torch.Tensor:
