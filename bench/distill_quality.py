@@ -78,7 +78,8 @@ def measure(model, classifier, held_out, n, steps, sampler, seed, grid) -> dict:
     images = model._decode(u, 1.0, n)
     seconds = time.perf_counter() - start
     return dict(sampler=sampler, steps=steps, seed=seed, energy_distance=energy_distance(u, held_out),
-                prior_nll=prior_nll(model, u, grid), seconds_per_1000=seconds * 1000 / n, **classify(classifier, images))
+                prior_nll=prior_nll(model, u, grid), seconds_per_1000=seconds * 1000 / n,
+                **classify(classifier, images))
 
 
 def main() -> None:

@@ -164,7 +164,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     split = args.split or ("all" if datasets.is_user_source(name) else "test")
     # A user source's val split is drawn with the run's seed: the same images dvp-train validated on.
     seed = payload.get("train_config", {}).get("seed", 0)
-    model = DVPVAE.from_checkpoint(path, ema=not args.raw_weights).to(device).eval()
+    model = DVPVAE.from_checkpoint_payload(payload, path, ema=not args.raw_weights).to(device).eval()
     images = datasets.load_images(name, split, root=args.data_dir, download=args.download, seed=seed)
     if args.limit is not None:
         images = images[:args.limit]

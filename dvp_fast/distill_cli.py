@@ -19,7 +19,7 @@ def run_distill(args) -> None:
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists: pass another --out (nothing was overwritten)")
     source = load_checkpoint(path)
-    model = DVPVAE.from_checkpoint(path, ema=not args.raw_weights).to(_device(args.device))
+    model = DVPVAE.from_checkpoint_payload(source, path, ema=not args.raw_weights).to(_device(args.device))
     report = distill(model, steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                      teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed)
     # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration.

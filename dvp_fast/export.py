@@ -15,8 +15,9 @@ import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .cli import OneLineParser, _run, file_sha256, read_evaluations
+from .data import _atomic_write
 from .model import DVPVAE
-from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, _atomic_write_bytes
+from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from .userdata import is_user_source
 
 OUR_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
@@ -113,7 +114,7 @@ def model_card(summary: dict, where: str) -> str:
 def export(args) -> None:
     path = resolve_checkpoint(args.checkpoint)
     payload = load_checkpoint(path)
-    model = DVPVAE.from_checkpoint(path, ema=not args.raw_weights)
+    model = DVPVAE.from_checkpoint_payload(payload, path, ema=not args.raw_weights)
     out = args.out
     if os.path.isfile(out):
         raise FileExistsError(f"--out {out} is a file: expected a folder to create")
@@ -124,7 +125,7 @@ def export(args) -> None:
         raise FileExistsError(f"--out {out} {what}: choose a new folder")
     summary = run_summary(path, payload, ema=not args.raw_weights)
     model.save_pretrained(out, metadata=summary)
-    _atomic_write_bytes(os.path.join(out, CARD_NAME), model_card(summary, out).encode())
+    _atomic_write(os.path.join(out, CARD_NAME), model_card(summary, out).encode())
     print(f"dvp-export: {os.path.join(out, '')} holds {', '.join(OUR_FILES)} ({summary['weights']} weights of "
           f"{path}, step {summary['steps']}); load it with DVPVAE.from_pretrained({out!r})")
 

@@ -178,7 +178,13 @@ class DVPVAE(nn.Module):
         the paper evaluates; ema=False the raw training weights.
         """
         path = resolve_checkpoint(path_or_dir)
-        payload = load_checkpoint(path, map_location)
+        model = cls.from_checkpoint_payload(load_checkpoint(path, map_location), path, ema)
+        return model.to(map_location) if not isinstance(map_location, dict) else model
+
+    @classmethod
+    def from_checkpoint_payload(cls, payload: dict, path: str, ema: bool = True) -> "DVPVAE":
+        """The model of a checkpoint already read with `load_checkpoint(path)` (for callers that also
+        need its other entries: the file is then read and verified once)."""
         try:
             config = DVPConfig.from_dict(payload["model_config"])
         except (ValueError, TypeError) as exc:
@@ -191,7 +197,7 @@ class DVPVAE(nn.Module):
             model.load_state_dict(payload[key])
         except (RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path}: weights do not fit the stored configuration: {exc}") from exc
-        return model.to(map_location) if not isinstance(map_location, dict) else model
+        return model
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, map_location="cpu", revision: str | None = None) -> "DVPVAE":

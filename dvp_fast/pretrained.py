@@ -13,6 +13,7 @@ import re
 
 
 from .checkpoint import CheckpointError
+from .data import _atomic_write
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -28,20 +29,6 @@ def _safetensors():
     except ImportError as exc:  # a --no-deps install
         raise ImportError("shareable weights need the 'safetensors' package (pip install safetensors)") from exc
     return safetensors.torch
-
-
-def _atomic_write_bytes(path: str, content: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_pretrained(model, folder: str, metadata: dict | None = None) -> list[str]:
@@ -60,8 +47,8 @@ def save_pretrained(model, folder: str, metadata: dict | None = None) -> list[st
     if metadata:
         config["training"] = metadata
     paths = [os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)]
-    _atomic_write_bytes(paths[0], weights)
-    _atomic_write_bytes(paths[1], (json.dumps(config, indent=2) + "\n").encode())
+    _atomic_write(paths[0], weights)
+    _atomic_write(paths[1], (json.dumps(config, indent=2) + "\n").encode())
     return paths
 
 
