@@ -65,9 +65,7 @@ def classify(state: dict, images: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def draw_u(model: DVPVAE, n: int, steps: int, sampler: str) -> torch.Tensor:
-    if sampler == "student":
-        return model.u_prior.sample(n, steps=steps, sampler="ancestral", unet=model.u_students[str(steps)])
-    return model.u_prior.sample(n, steps=steps, sampler=sampler)
+    return model.sample_pseudoinputs(n, steps=steps, sampler=sampler)
 
 
 @torch.no_grad()

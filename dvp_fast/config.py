@@ -87,12 +87,19 @@ class DVPConfig:
     # Step counts with a distilled few-step student sampler for u (dvp_fast.distill; beyond the
     # paper). Each is a UNet like the prior's, used only for sampling, never for the likelihood.
     distilled_steps: tuple[int, ...] = ()
+    # Those of distilled_steps whose student predicts x rather than eps (the one-step student:
+    # bench/results/distill-parameterisation-2026-12-01.md).
+    distilled_x_prediction: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.latent_scales = tuple(int(n) for n in self.latent_scales)
         self.distilled_steps = tuple(sorted({int(k) for k in self.distilled_steps}))
         if any(k < 1 for k in self.distilled_steps):
             raise ValueError(f"distilled_steps must be positive step counts, got {self.distilled_steps}")
+        self.distilled_x_prediction = tuple(sorted({int(k) for k in self.distilled_x_prediction}))
+        if not set(self.distilled_x_prediction) <= set(self.distilled_steps):
+            raise ValueError(f"distilled_x_prediction {self.distilled_x_prediction} must be among distilled_steps "
+                             f"{self.distilled_steps}")
         if self.distilled_steps and not (self.pseudoinputs and self.prior == "diffusion"):
             raise ValueError("distilled_steps needs the diffusion prior over pseudo-inputs (pseudoinputs=True, "
                              f"prior='diffusion'), got pseudoinputs={self.pseudoinputs}, prior={self.prior!r}")
@@ -165,6 +172,7 @@ class DVPConfig:
         d = dataclasses.asdict(self)
         d["latent_scales"] = list(self.latent_scales)
         d["distilled_steps"] = list(self.distilled_steps)
+        d["distilled_x_prediction"] = list(self.distilled_x_prediction)
         return d
 
     @classmethod

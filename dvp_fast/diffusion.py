@@ -119,20 +119,23 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, steps: int, temperature: float = 1.0, device: torch.device | str | None = None,
-               sampler: str = "ancestral", step_fn=None, unet: nn.Module | None = None) -> torch.Tensor:
+               sampler: str = "ancestral", step_fn=None, unet: nn.Module | None = None,
+               predicts: str = "eps") -> torch.Tensor:
         """u ~ r_hat in `steps` steps, (n, C, d, d); `temperature` multiplies every variance.
 
         `step_fn` replaces `denoise_step` (a compiled version of it, say); noise is drawn here,
         outside it, so that compiled and eager sampling consume the RNG identically. `unet`
         replaces the prior's own eps-network (a distilled student's, which samples with the
-        ancestral update).
+        ancestral update and predicts eps or, with `predicts="x"`, x itself).
         """
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if predicts not in self.PREDICTS:
+            raise ValueError(f"predicts must be one of {self.PREDICTS}, got {predicts!r}")
         device = torch.device(device) if device is not None else next(self.parameters()).device
         if step_fn is None:
-            step_fn = self.denoise_step if unet is None else (lambda z, row, noise: self.denoise_step(z, row, noise,
-                                                                                                     unet))
+            step_fn = self.denoise_step if unet is None else (
+                lambda z, row, noise: self.denoise_step(z, row, noise, unet, predicts))
         noise_scale = math.sqrt(temperature)
         table = self._cached_coefficients(int(steps), sampler, device)
         was_training = self.training
@@ -145,11 +148,23 @@ class DiffusionPrior(nn.Module):
         alpha0 = math.sqrt(_sigmoid(-self.gamma_min))
         return z / alpha0  # mean of p(u | z_0) = N(z_0 / alpha_0, e^gamma_min)
 
+    PREDICTS = ("eps", "x")
+
     def denoise_step(self, z: torch.Tensor, row: torch.Tensor, noise: torch.Tensor | None,
-                     unet: nn.Module | None = None) -> torch.Tensor:
-        """One sampler step z_t -> z_s given a row of `sampler_coefficients` and (scaled) noise."""
+                     unet: nn.Module | None = None, predicts: str = "eps",
+                     straight_through: bool = False) -> torch.Tensor:
+        """One sampler step z_t -> z_s given a row of `sampler_coefficients` and (scaled) noise.
+
+        `predicts`: what the network estimates, eps (the prior's own) or x (a one-step student's:
+        at t = 1, x_hat = (z - sigma eps) / alpha magnifies eps's error 1/alpha_1 = 33 times for
+        the mnist schedule). `straight_through` passes the gradient of x_hat through its clamp to
+        [-1, 1] unchanged (for distillation, where a saturated x_hat must still learn).
+        """
         t, inv_alpha, sigma, coef_z, coef_x, std = row.unbind()
-        eps_hat = (unet or self.unet)(z, t.expand(z.shape[0])).float()
-        x_hat = ((z - sigma * eps_hat) * inv_alpha).clamp(-1.0, 1.0)
+        out = (unet or self.unet)(z, t.expand(z.shape[0])).float()
+        x_raw = out if predicts == "x" else (z - sigma * out) * inv_alpha
+        x_hat = x_raw.clamp(-1.0, 1.0)
+        if straight_through:
+            x_hat = x_raw + (x_hat - x_raw).detach()
         z_s = coef_z * z + coef_x * x_hat
         return z_s if noise is None else z_s + std * noise

@@ -30,6 +30,14 @@ import torch
 from .diffusion import DiffusionPrior, _sigmoid
 
 TEACHER_STEPS = 50
+# Step counts whose student predicts x instead of eps, and each parameterisation's learning rate.
+# Measured (bench/results/distill-parameterisation-2026-12-01.md): one step from z_1 ~ N(0, I) reads
+# x_hat = (z - sigma_1 eps) / alpha_1, 33 times eps's error, and half the teacher's x_hat sits on
+# the clamp; an eps student barely moves from there (energy distance 1.99 -> 1.50 in 150
+# iterations), an x student reaches the teacher's own spread (0.006). From two steps on, eps does
+# as well or better (0.005 against x's 0.007 at two steps) and starts from the teacher's network.
+X_PREDICTION_STEPS = (1,)
+LEARNING_RATES = {"eps": 3e-4, "x": 1e-3}
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,15 +54,16 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def student_sample(prior: DiffusionPrior, unet: torch.nn.Module, n: int, steps: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """u from the k-step ancestral sampler with `unet` as the eps-network, differentiable in its weights
-    (the same update as DiffusionPrior.sample(sampler="ancestral", unet=unet), with gradients)."""
+                   generator: torch.Generator | None = None, predicts: str = "eps") -> torch.Tensor:
+    """u from the k-step ancestral sampler with `unet` as the network (predicting eps or x),
+    differentiable in its weights: the update of DiffusionPrior.sample(sampler="ancestral", unet=unet,
+    predicts=predicts), with the gradient passed straight through the clamp of x_hat."""
     device = next(unet.parameters()).device
     table = prior.sampler_coefficients(steps, "ancestral", device)
     z = torch.randn(n, *prior.shape, device=device, generator=generator)
     for k in range(steps):
         noise = torch.randn(z.shape, device=device, generator=generator)
-        z = prior.denoise_step(z, table[k], noise, unet)
+        z = prior.denoise_step(z, table[k], noise, unet, predicts, straight_through=True)
     return z / math.sqrt(_sigmoid(-prior.gamma_min))
 
 
@@ -67,8 +76,9 @@ def teacher_samples(prior: DiffusionPrior, n: int, steps: int = TEACHER_STEPS, b
 
 def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterations: int = 400,
                 batch_size: int = 256, lr: float = 3e-4, init: torch.nn.Module | None = None,
-                progress: bool = False, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
-    """A `steps`-step student eps-network fitted to `targets` (teacher samples); returns it and its losses.
+                progress: bool = False, seed: int = 0, predicts: str = "eps") -> tuple[torch.nn.Module, list[float]]:
+    """A `steps`-step student network (predicting eps or x) fitted to `targets` (teacher samples);
+    returns it and its losses.
 
     Adam (learning rate decayed to zero on a cosine) on the energy distance between a batch of student
     samples and a batch of targets, the student initialised from `init` (default: the teacher's
@@ -91,7 +101,8 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
               file=sys.stderr, mininterval=1.0) as bar:
         for _ in range(iterations):
             rows = torch.randint(0, targets.shape[0], (batch_size,), device=targets.device, generator=generator)
-            loss = energy_distance(student_sample(prior, student, batch_size, steps, generator), targets[rows])
+            loss = energy_distance(student_sample(prior, student, batch_size, steps, generator, predicts),
+                                   targets[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -102,13 +113,16 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
     return student.eval(), losses
 
 
-def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256, lr: float = 3e-4,
-            teacher_n: int = 4096, progress: bool = True, seed: int = 0) -> dict:
+def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256, lr: float | None = None,
+            teacher_n: int = 4096, progress: bool = True, seed: int = 0,
+            x_prediction_steps=X_PREDICTION_STEPS) -> dict:
     """Distil `model`'s diffusion prior into students for each of `steps`, added to the model in place.
 
     Draws `teacher_n` samples of the teacher's 50-step ancestral sampler, fits one student per step
     count to them, and scores each against `teacher_n / 2` fresh teacher samples (energy distance;
     the same score for a second fresh teacher draw is the noise floor). Returns the report.
+    Students for `x_prediction_steps` predict x, the others eps; `lr` defaults to LEARNING_RATES
+    of each one's parameterisation.
     """
     prior = model.u_prior
     if not isinstance(prior, DiffusionPrior):
@@ -123,20 +137,25 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     targets = teacher_samples(prior, teacher_n)
     held_out, second = teacher_samples(prior, teacher_n // 2), teacher_samples(prior, teacher_n // 2)
     report = dict(teacher_steps=TEACHER_STEPS, teacher_samples=teacher_n, iterations=iterations,
-                  batch_size=batch_size, lr=lr, seed=seed, students={},
+                  batch_size=batch_size, seed=seed, students={},
                   teacher_noise_floor=float(energy_distance(second, held_out)))
     init = None
-    for k in sorted(steps, reverse=True):  # each student starts from the one with more steps
+    for k in sorted(steps, reverse=True):  # each eps student starts from the one with more steps
+        predicts = "x" if k in x_prediction_steps else "eps"
+        k_lr = LEARNING_RATES[predicts] if lr is None else lr
         fit_start = time.perf_counter()
-        student, losses = distill_one(prior, k, targets, iterations, batch_size, lr, init, progress, seed + k)
+        student, losses = distill_one(prior, k, targets, iterations, batch_size, k_lr,
+                                      init if predicts == "eps" else None, progress, seed + k, predicts)
         with torch.no_grad():
             before = float(energy_distance(student_sample(prior, prior.unet, teacher_n // 2, k), held_out))
-            after = float(energy_distance(student_sample(prior, student, teacher_n // 2, k), held_out))
-        model.add_student(k, student)
-        report["students"][str(k)] = dict(energy_distance=after, teacher_at_these_steps=before,
-                                          final_loss=sum(losses[-20:]) / len(losses[-20:]),
+            after = float(energy_distance(student_sample(prior, student, teacher_n // 2, k, None, predicts),
+                                          held_out))
+        model.add_student(k, student, predicts)
+        report["students"][str(k)] = dict(energy_distance=after, teacher_at_these_steps=before, predicts=predicts,
+                                          lr=k_lr, final_loss=sum(losses[-20:]) / len(losses[-20:]),
                                           seconds=round(time.perf_counter() - fit_start, 1))
-        init = student
+        if predicts == "eps":
+            init = student
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.train(was_training)
     return report

@@ -31,7 +31,8 @@ def run_distill(args) -> None:
     save_checkpoint(payload, out)
     floor = report["teacher_noise_floor"]
     for k, r in sorted(report["students"].items(), key=lambda kv: int(kv[0])):
-        print(f"dvp-distill: {k}-step student: energy distance to the {report['teacher_steps']}-step teacher "
+        print(f"dvp-distill: {k}-step student (predicts {r['predicts']}): energy distance to the "
+              f"{report['teacher_steps']}-step teacher "
               f"{r['energy_distance']:.4f} (the teacher itself in {k} steps: {r['teacher_at_these_steps']:.4f}; "
               f"teacher against itself: {floor:.4f}), {r['seconds']:.0f} s")
     print(f"dvp-distill: wrote {out}; sample with: dvp-sample --checkpoint {out} --steps {max(args.steps)} ...")
@@ -45,7 +46,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="checkpoint to write (default: distilled.pt beside the source)")
     p.add_argument("--iterations", type=_positive(int), default=400, help="optimisation steps per student")
     p.add_argument("--batch-size", type=_positive(int), default=256)
-    p.add_argument("--lr", type=_positive(float), default=3e-4)
+    p.add_argument("--lr", type=_positive(float), default=None,
+                   help="learning rate (default: 3e-4 for students predicting eps, 1e-3 for x)")
     p.add_argument("--teacher-samples", type=_positive(int), default=4096,
                    help="samples of the 50-step teacher to fit and to score against")
     p.add_argument("--seed", type=int, default=0)

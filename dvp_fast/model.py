@@ -162,7 +162,7 @@ class DVPVAE(nn.Module):
         # Distilled few-step samplers for u (dvp_fast.distill): sampling only, frozen, never in the ELBO.
         self.u_students = nn.ModuleDict()
         for k in cfg.distilled_steps:
-            self.add_student(k, self.u_prior.new_unet())
+            self.add_student(k, self.u_prior.new_unet(), "x" if k in cfg.distilled_x_prediction else "eps")
 
     # --- construction -----------------------------------------------------------------------------
     @classmethod
@@ -222,20 +222,27 @@ class DVPVAE(nn.Module):
         return save_pretrained(self, folder, metadata)
 
     # --- distilled few-step samplers -----------------------------------------------------------------
-    def add_student(self, steps: int, unet: nn.Module) -> None:
-        """Register `unet` as the distilled eps-network of the `steps`-step sampler (frozen) and record
-        it in config.distilled_steps, so that checkpoints and pretrained folders rebuild it."""
+    def add_student(self, steps: int, unet: nn.Module, predicts: str = "eps") -> None:
+        """Register `unet` as the distilled network of the `steps`-step sampler (frozen), predicting
+        eps or x, and record it in config.distilled_steps (and distilled_x_prediction), so that
+        checkpoints and pretrained folders rebuild it."""
         import dataclasses
 
         steps = _positive_int("steps", steps)
         if not isinstance(self.u_prior, DiffusionPrior):
             raise ValueError("only a model with the diffusion prior over pseudo-inputs has students")
+        if predicts not in DiffusionPrior.PREDICTS:
+            raise ValueError(f"predicts must be one of {DiffusionPrior.PREDICTS}, got {predicts!r}")
         for p in unet.parameters():
             p.requires_grad_(False)
         self.u_students[str(steps)] = unet.to(self.likelihood_head.weight.device)
-        if steps not in self.config.distilled_steps:
-            self.config = dataclasses.replace(self.config,
-                                              distilled_steps=(*self.config.distilled_steps, steps))
+        x_steps = set(self.config.distilled_x_prediction) - {steps} | ({steps} if predicts == "x" else set())
+        self.config = dataclasses.replace(self.config, distilled_steps=(*self.config.distilled_steps, steps),
+                                          distilled_x_prediction=tuple(x_steps))
+
+    def student_predicts(self, steps: int) -> str:
+        """What the `steps`-step student's network estimates: "eps" or "x"."""
+        return "x" if steps in self.config.distilled_x_prediction else "eps"
 
     def sampler_for(self, steps: int | None = None, sampler: str | None = None) -> str:
         """The sampler `sample(steps=..., sampler=...)` uses: "student" (the distilled `steps`-step one)
@@ -553,14 +560,26 @@ class DVPVAE(nn.Module):
     def _sample(self, n: int, temperature: float, steps: int, sampler: str, fns: dict | None = None):
         """The sampler itself: no host syncs, so it can be captured as a CUDA graph."""
         u = None
-        if self.u_prior is not None and sampler == "student":  # the ancestral update, the student's network
-            u = self.u_prior.sample(n, steps=steps, temperature=temperature, device=self.device, sampler="ancestral",
-                                    unet=self.u_students[str(steps)])
-        elif self.u_prior is not None:
-            step_fn = fns["diffusion_step"] if fns else None
-            u = self.u_prior.sample(n, steps=steps, temperature=temperature, device=self.device, sampler=sampler,
-                                    step_fn=step_fn)
+        if self.u_prior is not None:
+            u = self._sample_u(n, temperature, steps, sampler, fns["diffusion_step"] if fns else None)
         return self._decode(u, temperature, n, fns["prior_pass"] if fns else None)
+
+    def _sample_u(self, n: int, temperature: float, steps: int, sampler: str, step_fn=None) -> torch.Tensor:
+        if sampler == "student":  # the ancestral update with the student's network
+            return self.u_prior.sample(n, steps=steps, temperature=temperature, device=self.device,
+                                       sampler="ancestral", unet=self.u_students[str(steps)],
+                                       predicts=self.student_predicts(steps))
+        return self.u_prior.sample(n, steps=steps, temperature=temperature, device=self.device, sampler=sampler,
+                                   step_fn=step_fn)
+
+    @torch.no_grad()
+    def sample_pseudoinputs(self, n: int, steps: int | None = None, sampler: str | None = None,
+                            temperature: float = 1.0) -> torch.Tensor:
+        """n pseudo-inputs u (n, C, d, d) from the diffusion prior, with the sampler `sample` would use."""
+        if not isinstance(self.u_prior, DiffusionPrior):
+            raise ValueError("only a model with the diffusion prior over pseudo-inputs samples them")
+        steps = self.config.sample_steps if steps is None else _positive_int("steps", steps)
+        return self._sample_u(_positive_int("n", n), _temperature(temperature), steps, self.sampler_for(steps, sampler))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -70,20 +70,47 @@ def test_students_of_the_exact_gaussian_prior_reproduce_its_moments_in_one_and_t
     teacher = teacher_samples(prior, 8192, steps=1000)  # the many-step limit (50 steps shrink the spread 6 %)
     t_mean, t_std = moments(teacher)
     assert t_mean == pytest.approx(MU, abs=0.005) and t_std == pytest.approx(target_std, rel=0.02)
-    init = None
-    for steps in (2, 1):
-        student, losses = distill_one(prior, steps, teacher, iterations=200, batch_size=256, lr=3e-3, init=init,
-                                      seed=steps)
-        init = student
+    for steps, predicts in ((2, "eps"), (1, "x")):  # dvp_fast.distill's choice: x for one step
+        student, losses = distill_one(prior, steps, teacher, iterations=200, batch_size=256, lr=3e-3,
+                                      seed=steps, predicts=predicts)
         with torch.no_grad():
             before = moments(prior.sample(10000, steps=steps, sampler="ancestral"))
-            after = moments(prior.sample(10000, steps=steps, sampler="ancestral", unet=student))
+            after = moments(prior.sample(10000, steps=steps, sampler="ancestral", unet=student, predicts=predicts))
         # The teacher itself is off in so few steps; the student is not (stated tolerances: the mean
         # within 0.01, the standard deviation within 5 %, over 10,000 samples).
         assert abs(before[0] - MU) > 0.02 or abs(before[1] / target_std - 1) > 0.1, before
         assert after[0] == pytest.approx(MU, abs=0.01), (steps, after)
         assert after[1] == pytest.approx(target_std, rel=0.05), (steps, after)
         assert losses[-1] < losses[0]
+
+
+def test_an_x_predicting_step_uses_the_network_output_as_x_and_passes_the_clamp_gradient_on_request():
+    prior = oracle_prior()
+    torch.manual_seed(0)
+    table = prior.sampler_coefficients(1, "ancestral", torch.device("cpu"))
+    t, inv_alpha, sigma, coef_z, coef_x, std = table[0].double()
+    z = torch.randn(5, 1, 2, 2)
+    x = (torch.rand(5, 1, 2, 2) * 3 - 1.5).requires_grad_(True)  # a third of it beyond [-1, 1]
+
+    class Constant(nn.Module):
+        def forward(self, z, t):
+            return x
+
+    step = prior.denoise_step(z, table[0], None, Constant(), predicts="x", straight_through=True)
+    expected = coef_z * z.double() + coef_x * x.detach().double().clamp(-1, 1)  # written from the update
+    torch.testing.assert_close(step.double(), expected, rtol=1e-6, atol=1e-6)
+    step.sum().backward()
+    torch.testing.assert_close(x.grad.double(), torch.full_like(x, float(coef_x)).double())
+    x.grad = None
+    prior.denoise_step(z, table[0], None, Constant(), predicts="x").sum().backward()
+    assert (x.grad[x.detach().abs() > 1] == 0).all() and (x.grad[x.detach().abs() < 1] != 0).all()
+    with pytest.raises(ValueError, match="predicts must be one of"):
+        prior.sample(2, steps=1, predicts="v")
+    import dataclasses
+
+    config = DVPVAE.from_preset("mnist", num_ch=8).config
+    with pytest.raises(ValueError, match=r"distilled_x_prediction \(1,\) must be among distilled_steps \(2,\)"):
+        dataclasses.replace(config, distilled_steps=(2,), distilled_x_prediction=(1,))
 
 
 def small_model(**overrides) -> DVPVAE:
@@ -99,6 +126,8 @@ def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
     model = small_model()
     report = distill(model, steps=(1, 2), iterations=3, batch_size=32, teacher_n=64, progress=False)
     assert set(report["students"]) == {"1", "2"} and model.config.distilled_steps == (1, 2)
+    assert model.config.distilled_x_prediction == (1,) and model.student_predicts(1) == "x"
+    assert report["students"]["1"]["predicts"] == "x" and report["students"]["2"]["predicts"] == "eps"
     assert model.sampler_for(2) == "student" and model.sampler_for(4) == "ancestral"
     assert model.sampler_for(2, "ddim") == "ddim"
     with pytest.raises(ValueError, match=r"no distilled student for 4 steps \(this model has students for \[1, 2\]"):
@@ -123,7 +152,11 @@ def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
     # Saved with the model, in both formats, and rebuilt from the configuration on load.
     model.save_pretrained(str(tmp_path / "shared"))
     loaded = DVPVAE.from_pretrained(str(tmp_path / "shared"))
-    assert loaded.config.distilled_steps == (1, 2)
+    assert loaded.config.distilled_steps == (1, 2) and loaded.student_predicts(1) == "x"
+    torch.manual_seed(2)
+    u = model.sample_pseudoinputs(3, steps=1)
+    torch.manual_seed(2)
+    torch.testing.assert_close(loaded.sample_pseudoinputs(3, steps=1), u)
     saved, restored = model.u_students.state_dict(), loaded.u_students.state_dict()
     assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
 
