@@ -12,6 +12,10 @@ Groups (select with --only sampling.<group>):
                 its own row; the steady-state rows exclude it.
   * steps       time against the number of steps, ancestral and "ddim" samplers (compile=True on
                 CUDA, eager on CPU), 1 to 50 steps.
+  * students    the distilled few-step samplers (dvp-distill) against the 50-step teacher, mnist:
+                students for 1 (predicting x), 2 and 4 steps, eager and, on CUDA, captured as a
+                CUDA graph (compile=True). Their weights are untrained copies of the prior's
+                network: the time of a student does not depend on its weights.
 Sampling runs in eval mode, temperature 1, no gradients. Times are for the number of images in
 the case name, never scaled. --quick and the CPU run use fewer images (and on CPU no
 torch.compile in --quick, nor for cifar10: inductor needs minutes to compile a sampler on 2
@@ -33,7 +37,7 @@ except ImportError:
     from common import Settings
 
 SECTION = "sampling"
-GROUPS = ("sample1000", "steps")
+GROUPS = ("sample1000", "steps", "students")
 STEPS = (1, 2, 5, 10, 25, 50)
 
 
@@ -138,14 +142,43 @@ def _steps_case(preset: str, n: int, st: Settings) -> list[dict]:
             steps = int(name.split()[0])
             case_rows.append(common.timing_row(
                 SECTION, "steps", f"{preset}, {n} samples, {sampler}", name, t, unit="s",
-                note="; ".join(filter(None, [_note(n, width_note), "compile=True (CUDA graph)" if st.cuda else "eager"])),
+                note="; ".join(filter(None, [_note(n, width_note),
+                                             "compile=True (CUDA graph)" if st.cuda else "eager"])),
                 preset=preset, sampler=sampler, steps=steps, n_images=n))
     common.add_speedups(case_rows, "50 steps")
     _progress(case_rows)
     return case_rows
 
 
-GROUP_FUNCS = {"sample1000": bench_sample1000, "steps": bench_steps}
+def bench_students(st: Settings) -> list[dict]:
+    n = 1000 if st.cuda or not st.quick else 16
+    return common.guarded(st, SECTION, "students", f"mnist, {n} samples", lambda: _students_case(n, st))
+
+
+def _students_case(n: int, st: Settings) -> list[dict]:
+    import copy
+
+    from dvp_fast.distill import X_PREDICTION_STEPS
+
+    model, width_note = _model("mnist", st)
+    for k in (1, 2, 4):
+        model.add_student(k, copy.deepcopy(model.u_prior.unet), "x" if k in X_PREDICTION_STEPS else "eps")
+    variants = {"teacher, 50 steps": (lambda _: model.sample(n, steps=50, compile=st.cuda, sampler="ancestral"), None)}
+    for k in (1, 2, 4):
+        draw = lambda _, k=k: model.sample(n, steps=k, compile=st.cuda, sampler="student")
+        variants[f"student, {k} step{'s' if k > 1 else ''}"] = (draw, None)
+    timings = common.time_variants(variants, st, warmup=1, repeats=3 if not st.cuda else 20, min_repeats=2)
+    how = "compile=True (CUDA graph)" if st.cuda else "eager"
+    case_rows = [common.timing_row(SECTION, "students", f"mnist, {n} samples", name, t, unit="s",
+                                   note="; ".join(filter(None, [_note(n, width_note), how])), preset="mnist",
+                                   n_images=n)
+                 for name, t in timings.items()]
+    common.add_speedups(case_rows, "teacher, 50 steps")
+    _progress(case_rows)
+    return case_rows
+
+
+GROUP_FUNCS = {"sample1000": bench_sample1000, "steps": bench_steps, "students": bench_students}
 
 
 def bench_sampling(st: Settings, groups: tuple[str, ...] = GROUPS) -> list[dict]:

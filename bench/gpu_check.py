@@ -55,8 +55,8 @@ def stages(dry: bool, work: str, wheels: str | None) -> list[dict]:
     else:
         tests = (f"{py} -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sampling.py "
                  f"tests/test_dml.py tests/test_gaussian_kl.py tests/test_dct.py -x")
-        bench = (f"{py} bench/run.py --device cuda --only ops model.train model.iwae sampling.sample1000 --no-plots "
-                 f"--out {work}/bench")
+        bench = (f"{py} bench/run.py --device cuda --only ops model.train model.iwae sampling.sample1000 "
+                 f"sampling.students --no-plots --out {work}/bench")
         train = [lambda: f"{cli} train --preset mnist {_train_data(work)} --out {run} --max-steps 300 --device cuda "
                          f"--no-progress",
                  f"{cli} sample --checkpoint {run} --n 64 --out {work}/samples.png --device cuda --no-progress",

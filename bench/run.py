@@ -6,7 +6,7 @@ Sections and their groups (--only takes a section, or section.group):
   ops       dct_crop, idct_pad, dct_pair, gaussian_sample_kl, gaussian_sample_kl_grouped, dml_log_prob,
             dml_sample, cpp_small                                                   (bench/bench_ops.py)
   model     train, table6, iwae, pipeline                                          (bench/bench_model.py)
-  sampling  sample1000, steps                                                      (bench/bench_sampling.py)
+  sampling  sample1000, steps, students                                            (bench/bench_sampling.py)
 Writes <out>/<device>-<date>[-quick][-partial].{json,md} and PNG plots beside them, and prints
 the table. Every ratio compares two variants measured in this run; see bench/results/README.md.
 """
@@ -31,7 +31,7 @@ SECTIONS = {
     "ops": ("dct_crop", "idct_pad", "dct_pair", "gaussian_sample_kl", "gaussian_sample_kl_grouped", "dml_log_prob",
             "dml_sample", "cpp_small"),
     "model": ("train", "table6", "iwae", "pipeline"),
-    "sampling": ("sample1000", "steps"),
+    "sampling": ("sample1000", "steps", "students"),
 }
 
 
