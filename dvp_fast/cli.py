@@ -175,7 +175,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bpd = 1.0 / (cfg.pixels * math.log(2.0))
-    neg_elbo = nll = 0.0
+    neg_elbo = nll = nll_sq = 0.0
     start = time.perf_counter()
     batches = datasets.DeviceBatches(images, min(args.batch_size, images.shape[0]), device, shuffle=False,
                                      drop_last=False)
@@ -185,13 +185,18 @@ def evaluate(args: argparse.Namespace) -> dict:
     with torch.no_grad(), bar:
         for x in batches.batches(0):
             neg_elbo += (-model(x).elbo).sum().item()
-            nll += model.nll(x, num_samples=args.num_samples, progress=bar.update).sum().item()
+            per_image = model.nll(x, num_samples=args.num_samples, progress=bar.update).double()
+            nll += per_image.sum().item()
+            nll_sq += per_image.pow(2).sum().item()
     au = model.active_units(images.to(device).float() / 127.5 - 1.0, batch_size=args.batch_size)
-    result = dict(images=n, neg_elbo=neg_elbo / n, nll=nll / n, active_units=au,
+    # The standard error of the mean over images (the estimate's spread across the test set).
+    stderr = math.sqrt(max(nll_sq / n - (nll / n) ** 2, 0.0) / max(n - 1, 1))
+    result = dict(images=n, neg_elbo=neg_elbo / n, nll=nll / n, nll_stderr=stderr, active_units=au,
                   seconds=time.perf_counter() - start)
     print(f"dvp-eval: {name}/{split}, {n} images, {args.num_samples} importance samples")
     print(f"  negative ELBO  {result['neg_elbo']:.3f} nats  {result['neg_elbo'] * bpd:.4f} bits/dim")
-    print(f"  IWAE NLL       {result['nll']:.3f} nats  {result['nll'] * bpd:.4f} bits/dim")
+    print(f"  IWAE NLL       {result['nll']:.3f} ± {stderr:.3f} nats  {result['nll'] * bpd:.4f} bits/dim "
+          f"(± one standard error over the images)")
     print(f"  active units   {au:.1%}")
     print(f"  time           {result['seconds']:.1f} s")
     record = dict(checkpoint=os.path.basename(path), checkpoint_sha256=file_sha256(path), step=payload.get("step"),

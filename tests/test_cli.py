@@ -33,6 +33,29 @@ def test_eval_prints_elbo_nll_and_active_units(run_dir, capsys):
     assert "negative ELBO" in out and "IWAE NLL" in out and "bits/dim" in out and "active units" in out
 
 
+def test_eval_reports_the_standard_error_of_the_nll_over_images(run_dir, capsys, monkeypatch):
+    import json
+    import os
+    import statistics
+
+    from dvp_fast.model import DVPVAE
+
+    values = [float(v) for v in (80, 95, 70, 101, 88, 93, 77, 84)]  # per-image NLLs, in batches of 3, 3, 2
+    seen = []
+
+    def fixed_nll(self, x, num_samples, progress=None):
+        out = torch.tensor(values[len(seen):len(seen) + x.shape[0]])
+        seen.extend(out.tolist())
+        return out
+
+    monkeypatch.setattr(DVPVAE, "nll", fixed_nll)
+    assert eval_main(["--checkpoint", run_dir, "--num-samples", "2", "--limit", "8", "--batch-size", "3"]) == 0
+    mean, stderr = statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+    assert f"IWAE NLL       {mean:.3f} ± {stderr:.3f} nats" in capsys.readouterr().out
+    with open(os.path.join(run_dir, "evaluations.json")) as f:
+        assert json.load(f)[-1]["nll_stderr"] == pytest.approx(stderr, rel=1e-9)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--checkpoint", "/no/such/run", "--out", "x.png"], "checkpoint not found: /no/such/run"),
     (["--checkpoint", "RUN", "--out", "/no/such/dir/x.png"], "output folder does not exist"),
