@@ -107,3 +107,21 @@ def test_only_selects_sections_and_groups():
         run.selection(["model.nothing"])
     with pytest.raises(SystemExit, match="unknown section"):
         run.selection(["kernels"])
+
+
+def test_teacher_report_writes_the_learning_curve_and_the_evaluations_of_best_pt(tmp_path):
+    from dvp_fast.cli import eval_main
+    from dvp_fast.train import main as train_main
+
+    teacher = str(tmp_path / "teacher")
+    assert train_main(["--out", teacher, "--max-steps", "3", "--batch-size", "10", "--log-every", "1",
+                       "--no-progress"]) == 0
+    assert eval_main(["--checkpoint", teacher, "--limit", "4", "--num-samples", "2", "--no-progress"]) == 0
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "teacher_report.py"), "--run", teacher,
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (md,) = glob.glob(str(out / "teacher-*.md"))
+    text = open(md).read()
+    assert "3 optimisation steps" in text and "| 2 |" in text and " ± " in text, text  # K = 2, with its s.e.
+    assert glob.glob(str(out / "teacher-*.png")) and len(open(md[:-3] + ".csv").read().splitlines()) == 4
