@@ -55,8 +55,8 @@ def run_summary(path: str, payload: dict, ema: bool) -> dict:
     if summary["validation"] is None and os.path.basename(path) == "best.pt" and math.isfinite(
             payload.get("best_val_loss", math.inf)):
         summary["validation"] = dict(val_loss_bits_per_dim=payload["best_val_loss"])
-    summary["evaluations"] = [{k: r.get(k) for k in ("data", "split", "images", "num_samples", "nll", "bits_per_dim",
-                                                        "neg_elbo", "active_units", "date")}
+    summary["evaluations"] = [{k: r.get(k) for k in ("data", "split", "images", "num_samples", "nll", "nll_stderr",
+                                                        "bits_per_dim", "neg_elbo", "active_units", "date")}
                               for r in read_evaluations(folder)
                               if r.get("checkpoint_sha256") == sha and r.get("ema", True) == ema]
     return summary
@@ -100,8 +100,10 @@ def model_card(summary: dict, where: str) -> str:
     evaluations = summary["evaluations"]
     if evaluations:
         for e in evaluations:
-            lines.append(f"| {e['split']} NLL ({e['data']}) | {e['nll']:.3f} nats = {e['bits_per_dim']:.4f} bits/dim, "
-                         f"IWAE with {e['num_samples']} importance samples on {e['images']} images ({e['date']}) |")
+            se = f" ± {e['nll_stderr']:.3f}" if e.get("nll_stderr") is not None else ""
+            lines.append(f"| {e['split']} NLL ({e['data']}) | {e['nll']:.3f}{se} nats = "
+                         f"{e['bits_per_dim']:.4f} bits/dim, IWAE with {e['num_samples']} importance samples on "
+                         f"{e['images']} images ({e['date']}) |")
     else:
         lines.append("| test NLL | not evaluated (`dvp-eval --checkpoint RUN` before exporting adds it) |")
     lines += ["", "## Use", "", "```python", "from dvp_fast import DVPVAE", "",

@@ -224,6 +224,7 @@ def test_export_writes_a_loadable_folder_and_a_model_card(run_folder, tmp_path, 
         assert text in card, text
     info = json.load(open(os.path.join(out, "config.json")))["training"]
     assert info["steps"] == 2 and info["evaluations"][0]["num_samples"] == 3
+    assert f"{info['evaluations'][0]['nll']:.3f} ± {info['evaluations'][0]['nll_stderr']:.3f} nats" in card
     # Nothing of the user's is overwritten: an existing export needs --force, a foreign file is never replaced.
     assert export_main(["--checkpoint", run_folder, "--out", out]) == 2
     assert export_main(["--checkpoint", run_folder, "--out", out, "--force", "--raw-weights"]) == 0
