@@ -14,7 +14,8 @@ reproduced the deterministic path faithfully would inherit that gap. So the stud
 the teacher's *output distribution* instead: a k-step ancestral sampler whose eps-network starts
 as a copy of the teacher's and is trained, through its k steps (noise reparameterised), to
 minimise the energy distance (Székely & Rizzo; kernel-free, zero only for equal distributions)
-between its samples and samples of the teacher's 50-step ancestral sampler, drawn once.
+between its samples and samples of the teacher's 50-step ancestral sampler, drawn once. The
+one-step student's network predicts x itself rather than eps (X_PREDICTION_STEPS, below).
 
 The student is a sampler only: the likelihood (ELBO, `nll`, training) always uses the full prior.
 """

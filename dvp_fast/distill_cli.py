@@ -31,9 +31,10 @@ def run_distill(args) -> None:
     save_checkpoint(payload, out)
     floor = report["teacher_noise_floor"]
     for k, r in sorted(report["students"].items(), key=lambda kv: int(kv[0])):
+        steps = f"{k} step{'s' if int(k) > 1 else ''}"
         print(f"dvp-distill: {k}-step student (predicts {r['predicts']}): energy distance to the "
               f"{report['teacher_steps']}-step teacher "
-              f"{r['energy_distance']:.4f} (the teacher itself in {k} steps: {r['teacher_at_these_steps']:.4f}; "
+              f"{r['energy_distance']:.4f} (the teacher itself in {steps}: {r['teacher_at_these_steps']:.4f}; "
               f"teacher against itself: {floor:.4f}), {r['seconds']:.0f} s")
     print(f"dvp-distill: wrote {out}; sample with: dvp-sample --checkpoint {out} --steps {max(args.steps)} ...")
 
