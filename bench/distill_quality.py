@@ -63,6 +63,29 @@ def classify(state: dict, images: torch.Tensor) -> dict:
                 classes_above_2pct=int((shares > 0.02).sum()))
 
 
+def spread_table(rows: list[dict], repeated: list[tuple[str, int]]) -> list[str]:
+    """Markdown: the range over seeds of (a) and (c) per repeated sampler, and whether each student's
+    range lies within the 50-step teacher's."""
+    def span(sampler, steps, key):
+        values = [r[key] for r in rows if r["sampler"] == sampler and r["steps"] == steps]
+        return min(values), max(values), len(values)
+
+    teacher = {key: span("ancestral", 50, key) for key in ("energy_distance", "confidence")}
+    lines = ["", "Run-to-run spread (min to max over the seeds) and whether a student's whole range lies within "
+             "the 50-step teacher's:", "",
+             "| sampler | steps | runs | energy distance | within the teacher's | confidence | within the teacher's |",
+             "|---|---|---|---|---|---|---|"]
+    for sampler, steps in repeated:
+        cells = []
+        for key in ("energy_distance", "confidence"):
+            lo, hi, n = span(sampler, steps, key)
+            inside = teacher[key][0] <= lo and hi <= teacher[key][1]
+            cells += [f"{lo:.4f} to {hi:.4f}" if key == "energy_distance" else f"{lo:.3f} to {hi:.3f}",
+                      "" if sampler == "ancestral" else ("yes" if inside else "no")]
+        lines.append(f"| {sampler} | {steps} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 @torch.no_grad()
 def draw_u(model: DVPVAE, n: int, steps: int, sampler: str) -> torch.Tensor:
     return model.sample_pseudoinputs(n, steps=steps, sampler=sampler)
@@ -88,6 +111,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 50])
     p.add_argument("--grid", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs (seeds 1..R) of the 50-step teacher and of each student: their spread")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args()
     if args.threads:
@@ -114,9 +139,12 @@ def main() -> None:
                 continue
             rows.append(measure(model, classifier, held_out, args.n, steps, sampler, 1, args.grid))
             print(rows[-1], flush=True)
-    for seed in (2, 3):  # the teacher's run-to-run spread: the 50-step ancestral sampler, other draws
-        rows.append(measure(model, classifier, held_out, args.n, 50, "ancestral", seed, args.grid))
-        print(rows[-1], flush=True)
+    # Run-to-run spreads: the 50-step teacher and every student again, with other draws.
+    repeated = [("ancestral", 50)] + [("student", int(k)) for k in sorted(model.u_students, key=int)]
+    for seed in range(2, args.repeats + 1):
+        for sampler, steps in repeated:
+            rows.append(measure(model, classifier, held_out, args.n, steps, sampler, seed, args.grid))
+            print(rows[-1], flush=True)
     meta = dict(checkpoint=path, step=payload.get("step"), distill=payload.get("distill"), n=args.n, grid=args.grid,
                 classifier_test_accuracy=classifier["test_accuracy"],
                 device=f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores, "
@@ -137,6 +165,7 @@ def main() -> None:
         lines.append(f"| {r['sampler']} | {r['steps'] or ''} | {r['seed']} | {r['energy_distance']:.4f} | "
                      f"{r['prior_nll']:.2f} | {r['confidence']:.3f} | {r['largest_class_share']:.3f} | "
                      f"{r['classes_above_2pct']} | {secs} |")
+    lines += spread_table(rows, repeated)
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
