@@ -158,11 +158,11 @@ def bench_students(st: Settings) -> list[dict]:
 def _students_case(n: int, st: Settings) -> list[dict]:
     import copy
 
-    from dvp_fast.distill import X_PREDICTION_STEPS
+    from dvp_fast.distill import predicts_for
 
     model, width_note = _model("mnist", st)
     for k in (1, 2, 4):
-        model.add_student(k, copy.deepcopy(model.u_prior.unet), "x" if k in X_PREDICTION_STEPS else "eps")
+        model.add_student(k, copy.deepcopy(model.u_prior.unet), predicts_for(k))
     variants = {"teacher, 50 steps": (lambda _: model.sample(n, steps=50, compile=st.cuda, sampler="ancestral"), None)}
     for k in (1, 2, 4):
         draw = lambda _, k=k: model.sample(n, steps=k, compile=st.cuda, sampler="student")

@@ -87,15 +87,10 @@ def spread_table(rows: list[dict], repeated: list[tuple[str, int]]) -> list[str]
 
 
 @torch.no_grad()
-def draw_u(model: DVPVAE, n: int, steps: int, sampler: str) -> torch.Tensor:
-    return model.sample_pseudoinputs(n, steps=steps, sampler=sampler)
-
-
-@torch.no_grad()
 def measure(model, classifier, held_out, n, steps, sampler, seed, grid) -> dict:
     torch.manual_seed(seed)
     start = time.perf_counter()
-    u = draw_u(model, n, steps, sampler)
+    u = model.sample_pseudoinputs(n, steps=steps, sampler=sampler)
     images = model._decode(u, 1.0, n)
     seconds = time.perf_counter() - start
     return dict(sampler=sampler, steps=steps, seed=seed, energy_distance=energy_distance(u, held_out),
@@ -140,7 +135,7 @@ def main() -> None:
             rows.append(measure(model, classifier, held_out, args.n, steps, sampler, 1, args.grid))
             print(rows[-1], flush=True)
     # Run-to-run spreads: the 50-step teacher and every student again, with other draws.
-    repeated = [("ancestral", 50)] + [("student", int(k)) for k in sorted(model.u_students, key=int)]
+    repeated = [("ancestral", 50)] + [("student", k) for k in args.steps if str(k) in model.u_students]
     for seed in range(2, args.repeats + 1):
         for sampler, steps in repeated:
             rows.append(measure(model, classifier, held_out, args.n, steps, sampler, seed, args.grid))

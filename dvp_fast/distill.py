@@ -42,6 +42,11 @@ X_PREDICTION_STEPS = (1,)
 LEARNING_RATES = {"eps": 3e-4, "x": 1e-3}
 
 
+def predicts_for(steps: int, x_prediction_steps=X_PREDICTION_STEPS) -> str:
+    """What the `steps`-step student's network predicts: "x" for `x_prediction_steps`, else "eps"."""
+    return "x" if steps in x_prediction_steps else "eps"
+
+
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Squared energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| between the rows of x and y (flattened),
     with the unbiased within-sample means (diagonals left out); differentiable."""
@@ -56,16 +61,18 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def student_sample(prior: DiffusionPrior, unet: torch.nn.Module, n: int, steps: int,
-                   generator: torch.Generator | None = None, predicts: str = "eps") -> torch.Tensor:
+                   generator: torch.Generator | None = None, predicts: str = "eps",
+                   straight_through: bool = True) -> torch.Tensor:
     """u from the k-step ancestral sampler with `unet` as the network (predicting eps or x),
     differentiable in its weights: the update of DiffusionPrior.sample(sampler="ancestral", unet=unet,
-    predicts=predicts), with the gradient passed straight through the clamp of x_hat."""
+    predicts=predicts), with the gradient passed straight through the clamp of x_hat (unless
+    `straight_through` is False: then none where x_hat is clamped)."""
     device = next(unet.parameters()).device
     table = prior.sampler_coefficients(steps, "ancestral", device)
     z = torch.randn(n, *prior.shape, device=device, generator=generator)
     for k in range(steps):
         noise = torch.randn(z.shape, device=device, generator=generator)
-        z = prior.denoise_step(z, table[k], noise, unet, predicts, straight_through=True)
+        z = prior.denoise_step(z, table[k], noise, unet, predicts, straight_through)
     return z / math.sqrt(_sigmoid(-prior.gamma_min))
 
 
@@ -143,7 +150,7 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
                   teacher_noise_floor=float(energy_distance(second, held_out)))
     init = None
     for k in sorted(steps, reverse=True):  # each eps student starts from the one with more steps
-        predicts = "x" if k in x_prediction_steps else "eps"
+        predicts = predicts_for(k, x_prediction_steps)
         k_lr = LEARNING_RATES[predicts] if lr is None else lr
         fit_start = time.perf_counter()
         student, losses = distill_one(prior, k, targets, iterations, batch_size, k_lr,

@@ -162,7 +162,7 @@ class DVPVAE(nn.Module):
         # Distilled few-step samplers for u (dvp_fast.distill): sampling only, frozen, never in the ELBO.
         self.u_students = nn.ModuleDict()
         for k in cfg.distilled_steps:
-            self.add_student(k, self.u_prior.new_unet(), "x" if k in cfg.distilled_x_prediction else "eps")
+            self.add_student(k, self.u_prior.new_unet(), self.student_predicts(k))
 
     # --- construction -----------------------------------------------------------------------------
     @classmethod

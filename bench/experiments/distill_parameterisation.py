@@ -7,23 +7,12 @@ distance to held-out teacher samples every 25 iterations, with the share of x_ha
 """
 import argparse
 import copy
-import math
 import time
 
 import torch
 
 from dvp_fast import DVPVAE
-from dvp_fast.diffusion import _sigmoid
-from dvp_fast.distill import energy_distance, teacher_samples
-
-
-def sample(prior, unet, n, steps, predicts, straight_through, generator=None):
-    table = prior.sampler_coefficients(steps, "ancestral", torch.device("cpu"))
-    z = torch.randn(n, *prior.shape, generator=generator)
-    for k in range(steps):
-        z = prior.denoise_step(z, table[k], torch.randn(z.shape, generator=generator), unet, predicts,
-                               straight_through)
-    return z / math.sqrt(_sigmoid(-prior.gamma_min))
+from dvp_fast.distill import energy_distance, student_sample, teacher_samples
 
 
 def main():
@@ -44,7 +33,7 @@ def main():
 
     def score():
         with torch.no_grad():
-            u = sample(prior, student.eval(), 1024, args.steps, args.predicts, False)
+            u = student_sample(prior, student.eval(), 1024, args.steps, None, args.predicts)
         student.train()
         return float(energy_distance(u, held_out)), float((u.abs() > 0.99).float().mean())
 
@@ -54,7 +43,7 @@ def main():
     generator = torch.Generator().manual_seed(1)
     for i in range(args.iterations):
         rows = torch.randint(0, targets.shape[0], (256,), generator=generator)
-        u = sample(prior, student, 256, args.steps, args.predicts, args.straight_through, generator)
+        u = student_sample(prior, student, 256, args.steps, generator, args.predicts, args.straight_through)
         loss = energy_distance(u, targets[rows])
         optimizer.zero_grad()
         loss.backward()
