@@ -93,6 +93,16 @@ def _positive(kind):
     return parse
 
 
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
 def _progress(args, total: int, desc: str, unit: str):
     """A tqdm bar on stderr with the time left (or a silent stand-in with --no-progress)."""
     from tqdm import tqdm

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .cli import OneLineParser, _device, _positive, _run
-from .distill import distill
+from .cli import OneLineParser, _device, _non_negative, _positive, _run
+from .distill import MOMENT_WEIGHT, TEACHER_SAMPLES, distill
 from .model import DVPVAE
 
 
@@ -21,7 +21,8 @@ def run_distill(args) -> None:
     source = load_checkpoint(path)
     model = DVPVAE.from_checkpoint_payload(source, path, ema=not args.raw_weights).to(_device(args.device))
     report = distill(model, steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                     teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed)
+                     teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed,
+                     moment_weight=args.moment_weight)
     # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration.
     payload = dict(model_config=model.config.to_dict(), model=model.cpu().state_dict(),
                    run=dict(source.get("run", {}), distilled_from=os.path.abspath(path)),
@@ -49,8 +50,10 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=_positive(int), default=256)
     p.add_argument("--lr", type=_positive(float), default=None,
                    help="learning rate (default: 3e-4 for students predicting eps, 1e-3 for x)")
-    p.add_argument("--teacher-samples", type=_positive(int), default=4096,
-                   help="samples of the 50-step teacher to fit and to score against")
+    p.add_argument("--teacher-samples", type=_positive(int), default=TEACHER_SAMPLES,
+                   help="samples of the 50-step teacher to fit the students to")
+    p.add_argument("--moment-weight", type=_non_negative(float), default=MOMENT_WEIGHT,
+                   help="weight of the mean-and-covariance term beside the energy distance (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw-weights", action="store_true", help="distil the training weights, not their EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -16,7 +16,7 @@ from torch import nn
 
 from dvp_fast import DVPVAE
 from dvp_fast.diffusion import DiffusionPrior
-from dvp_fast.distill import distill, distill_one, energy_distance, teacher_samples
+from dvp_fast.distill import distill, distill_one, energy_distance, moment_mismatch, teacher_samples
 
 MU, S = 0.3, 0.2
 GAMMA_MIN, GAMMA_MAX = -6.0, 7.0  # the mnist preset's schedule
@@ -60,6 +60,22 @@ def test_energy_distance_is_zero_only_for_equal_distributions():
     expected = 2 * e_abs(d, 2.0) - 2 * e_abs(0.0, 2.0)
     got = float(energy_distance(torch.randn(20000, 1), torch.randn(20000, 1) + d))
     assert got == pytest.approx(expected, abs=0.02)
+
+
+def test_the_moment_term_estimates_the_squared_moment_gaps_without_bias():
+    # Batches of 64 rows of N(m, C) against a target (m0, C0): the estimates average to
+    # ||m - m0||^2 + ||C - C0||_F^2, written here in float64; a plain squared norm of the batch's
+    # deviations would average about (tr(C)^2 + tr(C^2) + tr(C)) / 64 = 0.23 above that for C = I.
+    generator = torch.Generator().manual_seed(0)
+    m, chol = torch.tensor([0.0, 0.5, -0.2]), torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.8, 0.0], [0.0, -0.4, 0.6]])
+    cov = chol @ chol.T
+    for m0, c0 in ((m, cov), (m + torch.tensor([0.5, 0.0, 0.0]), cov + torch.diag(torch.tensor([1.0, 0.0, 0.5])))):
+        expected = float((m.double() - m0.double()).pow(2).sum() + (cov.double() - c0.double()).pow(2).sum())
+        draws = [float(moment_mismatch(m + torch.randn(64, 3, generator=generator) @ chol.T, m0, c0))
+                 for _ in range(3000)]
+        assert sum(draws) / len(draws) == pytest.approx(expected, abs=0.02), expected
+    with pytest.raises(ValueError, match="at least 4 rows"):
+        moment_mismatch(torch.zeros(3, 2), torch.zeros(2), torch.eye(2))
 
 
 @pytest.mark.slow
