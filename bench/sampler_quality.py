@@ -33,10 +33,17 @@ def nn_distance(u: torch.Tensor, reference: torch.Tensor) -> float:
     return torch.cdist(u.flatten(1).double(), reference.flatten(1).double()).min(1).values.mean().item()
 
 
-def energy_distance(u: torch.Tensor, reference: torch.Tensor) -> float:
-    """Squared energy distance between the two samples' laws (V-statistic, Euclidean)."""
-    a, b = u.flatten(1).double(), reference.flatten(1).double()
-    return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
+def mean_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean Euclidean distance over all pairs of rows (flattened), in float64."""
+    return torch.cdist(a.flatten(1).double(), b.flatten(1).double()).mean().item()
+
+
+def energy_distance(u: torch.Tensor, reference: torch.Tensor, reference_spread: float | None = None) -> float:
+    """Squared energy distance between the two samples' laws (V-statistic, Euclidean);
+    `reference_spread` is mean_distance(reference, reference) when it is already known."""
+    if reference_spread is None:
+        reference_spread = mean_distance(reference, reference)
+    return 2 * mean_distance(u, reference) - mean_distance(u, u) - reference_spread
 
 
 def scores(model, u, held_out, grid: int) -> dict:
