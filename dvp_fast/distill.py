@@ -152,6 +152,13 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
     return student.eval(), losses
 
 
+def _eps_student_above(model, steps: int) -> int | None:
+    """The fewest-step eps student of `model` with more than `steps` steps (None: there is none), which
+    a new `steps`-step eps student starts from: progressively, each from the next longer sampler."""
+    above = [int(k) for k in model.u_students if int(k) > steps and model.student_predicts(int(k)) == "eps"]
+    return min(above) if above else None
+
+
 def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256, lr: float | None = None,
             teacher_n: int = TEACHER_SAMPLES, progress: bool = True, seed: int = 0,
             x_prediction_steps=X_PREDICTION_STEPS, moment_weight: float = MOMENT_WEIGHT) -> dict:
@@ -161,8 +168,11 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     count to them (`moment_weight`: see distill_one), and scores each against min(teacher_n / 2,
     SCORE_SAMPLES) fresh teacher samples (energy distance; the same score for a second fresh teacher
     draw is the noise floor). Returns the report.
-    Students for `x_prediction_steps` predict x, the others eps; `lr` defaults to LEARNING_RATES
-    of each one's parameterisation.
+    Students for `x_prediction_steps` predict x and start from the teacher's network; the others
+    predict eps and start from the model's eps student with the next larger step count (one of this
+    call's, or one the model already has: distilling an already distilled model again refines its
+    students), else from the teacher's; a student the model has for a step count in `steps` is
+    replaced. `lr` defaults to LEARNING_RATES of each one's parameterisation.
     """
     prior = model.u_prior
     if not isinstance(prior, DiffusionPrior):
@@ -180,23 +190,23 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     report = dict(teacher_steps=TEACHER_STEPS, teacher_samples=teacher_n, iterations=iterations,
                   batch_size=batch_size, moment_weight=moment_weight, seed=seed, students={},
                   teacher_noise_floor=float(energy_distance(second, held_out)))
-    init = None
-    for k in sorted(steps, reverse=True):  # each eps student starts from the one with more steps
+    for k in sorted(steps, reverse=True):
         predicts = predicts_for(k, x_prediction_steps)
         k_lr = LEARNING_RATES[predicts] if lr is None else lr
+        above = _eps_student_above(model, k) if predicts == "eps" else None
         fit_start = time.perf_counter()
         student, losses = distill_one(prior, k, targets, iterations, batch_size, k_lr,
-                                      init if predicts == "eps" else None, progress, seed + k, predicts,
-                                      moment_weight)
+                                      None if above is None else model.u_students[str(above)], progress,
+                                      seed + k, predicts, moment_weight)
         with torch.no_grad():
             before = float(energy_distance(student_sample(prior, prior.unet, score_n, k), held_out))
             after = float(energy_distance(student_sample(prior, student, score_n, k, None, predicts), held_out))
         model.add_student(k, student, predicts)
-        report["students"][str(k)] = dict(energy_distance=after, teacher_at_these_steps=before, predicts=predicts,
-                                          lr=k_lr, final_loss=sum(losses[-20:]) / len(losses[-20:]),
-                                          seconds=round(time.perf_counter() - fit_start, 1))
-        if predicts == "eps":
-            init = student
+        report["students"][str(k)] = dict(
+            energy_distance=after, teacher_at_these_steps=before, predicts=predicts, lr=k_lr,
+            started_from="teacher" if above is None else f"{above}-step student", iterations=iterations,
+            teacher_samples=teacher_n, moment_weight=moment_weight,
+            final_loss=sum(losses[-20:]) / len(losses[-20:]), seconds=round(time.perf_counter() - fit_start, 1))
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.train(was_training)
     return report

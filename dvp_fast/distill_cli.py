@@ -23,10 +23,12 @@ def run_distill(args) -> None:
     report = distill(model, steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                      teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed,
                      moment_weight=args.moment_weight)
-    # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration.
+    # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration; the
+    # report keeps the entries of the source's students that this run left as they were.
+    kept = {k: r for k, r in source.get("distill", {}).get("students", {}).items() if k not in report["students"]}
     payload = dict(model_config=model.config.to_dict(), model=model.cpu().state_dict(),
                    run=dict(source.get("run", {}), distilled_from=os.path.abspath(path)),
-                   step=source.get("step"), distill=report)
+                   step=source.get("step"), distill=dict(report, students={**kept, **report["students"]}))
     if "train_config" in source:
         payload["train_config"] = source["train_config"]
     save_checkpoint(payload, out)

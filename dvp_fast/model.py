@@ -235,10 +235,11 @@ class DVPVAE(nn.Module):
             raise ValueError(f"predicts must be one of {DiffusionPrior.PREDICTS}, got {predicts!r}")
         for p in unet.parameters():
             p.requires_grad_(False)
-        self.u_students[str(steps)] = unet.to(self.likelihood_head.weight.device)
+        self.u_students[str(steps)] = unet.to(self.likelihood_head.weight.device)  # replaces one for `steps`
         x_steps = set(self.config.distilled_x_prediction) - {steps} | ({steps} if predicts == "x" else set())
-        self.config = dataclasses.replace(self.config, distilled_steps=(*self.config.distilled_steps, steps),
-                                          distilled_x_prediction=tuple(x_steps))
+        kept = tuple(k for k in self.config.distilled_steps if k != steps)
+        self.config = dataclasses.replace(self.config, distilled_steps=(*kept, steps),
+                                          distilled_x_prediction=tuple(sorted(x_steps)))
 
     def student_predicts(self, steps: int) -> str:
         """What the `steps`-step student's network estimates: "eps" or "x"."""

@@ -175,6 +175,13 @@ def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
     torch.testing.assert_close(loaded.sample_pseudoinputs(3, steps=1), u)
     saved, restored = model.u_students.state_dict(), loaded.u_students.state_dict()
     assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    # Distilled again, a student is replaced, and an eps one starts from the next longer eps student.
+    again = distill(model, steps=(1,), iterations=2, batch_size=32, teacher_n=64, progress=False,
+                    x_prediction_steps=())
+    assert again["students"]["1"]["started_from"] == "2-step student" and report["students"]["2"]["started_from"] \
+        == "teacher" and report["students"]["1"]["started_from"] == "teacher"  # x students start from the teacher
+    assert sorted(model.config.distilled_steps) == [1, 2] and model.student_predicts(1) == "eps"
+    assert sorted(model.u_students) == ["1", "2"]
 
 
 def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path, capsys):
@@ -199,3 +206,9 @@ def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path,
     assert DVPVAE.from_checkpoint(run).config.distilled_steps == ()
     assert distill_main(["--checkpoint", run, "--steps", "2", "--iterations", "1", "--no-progress"]) == 2
     assert "exists" in capsys.readouterr().err
+    # Distilling the distilled checkpoint adds to its students and keeps their report entries.
+    more = str(tmp_path / "more.pt")
+    assert distill_main(["--checkpoint", out, "--steps", "1", "--iterations", "2", "--batch-size", "16",
+                         "--teacher-samples", "48", "--out", more, "--no-progress"]) == 0
+    assert sorted(DVPVAE.from_checkpoint(more).config.distilled_steps) == [1, 2]
+    assert sorted(torch.load(more, weights_only=True)["distill"]["students"]) == ["1", "2"]
