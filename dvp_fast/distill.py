@@ -10,7 +10,8 @@ consistency distillation and ECT all compress the teacher's deterministic probab
 samples sit at energy distance 0.17 to 0.19 from held-out pseudo-inputs from 4 steps on, with
 a per-dimension spread 1.7 times the data's, where the 50-step ancestral sampler is at 0.048, as
 close as real pseudo-inputs are (bench/results/sampler-quality-2026-12-01.md; on the 1,100-step
-teacher of distill-2026-12-01.md DDIM is at 0.038 to 0.061, ancestral at 0.030 to 0.035). A student that
+teacher of distill-2026-12-01.md DDIM is at 0.013 to 0.025 from validation pseudo-inputs, ancestral at
+0.0054 to 0.0073). A student that
 reproduced the deterministic path faithfully would inherit that gap. So the student is fitted to
 the teacher's *output distribution* instead: a k-step ancestral sampler whose eps-network starts
 as a copy of the teacher's and is trained, through its k steps (noise reparameterised), to

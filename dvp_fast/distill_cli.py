@@ -24,8 +24,12 @@ def run_distill(args) -> None:
                      teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed,
                      moment_weight=args.moment_weight)
     # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration; the
-    # report keeps the entries of the source's students that this run left as they were.
-    kept = {k: r for k, r in source.get("distill", {}).get("students", {}).items() if k not in report["students"]}
+    # report keeps the entries of the source's students that this run left as they were, each with the
+    # settings it was fitted with (reports from before the moment term had none: weight 0).
+    earlier = source.get("distill", {})
+    settings = dict(iterations=earlier.get("iterations"), teacher_samples=earlier.get("teacher_samples"),
+                    moment_weight=earlier.get("moment_weight", 0.0))
+    kept = {k: dict(settings, **r) for k, r in earlier.get("students", {}).items() if k not in report["students"]}
     payload = dict(model_config=model.config.to_dict(), model=model.cpu().state_dict(),
                    run=dict(source.get("run", {}), distilled_from=os.path.abspath(path)),
                    step=source.get("step"), distill=dict(report, students={**kept, **report["students"]}))
