@@ -47,7 +47,9 @@ LEARNING_RATES = {"eps": 3e-4, "x": 1e-3}
 # samples a student ends at energy distance 0.0006 from fresh teacher samples; fitted to 16,384 at 0.0002;
 # with the moment term besides at 0.00007, its covariance (the Frechet distance's covariance term) 1.8
 # times closer. A batch of 1024 for a quarter of the iterations does no better than 256. A second
-# teacher draw is at 0.00002.
+# teacher draw is at 0.00002. One run each: three later 4-step students with this pool and term ended at 0.0003
+# to 0.00035 (bench/results/distill-2026-12-01*-report.json), so a distillation's own run-to-run
+# spread is as large as these differences.
 TEACHER_SAMPLES = 16384
 MOMENT_WEIGHT = 1.0
 SCORE_SAMPLES = 4096  # each of the two fresh teacher draws a student is scored against
