@@ -107,9 +107,15 @@ def measure(model, classifier, references, n, steps, sampler, seed, grid) -> dic
     u = model.sample_pseudoinputs(n, steps=steps, sampler=sampler)
     images = model._decode(u, 1.0, n)
     seconds = time.perf_counter() - start
-    return dict(sampler=sampler, steps=steps, seed=seed, energy_distance=references["val"].energy_distance(u),
+    return dict(sampler=sampler, steps=steps, seed=seed, seconds_per_1000=seconds * 1000 / n,
+                **scores(model, classifier, references, u, images, grid))
+
+
+def scores(model, classifier, references, u, images, grid) -> dict:
+    """(a) to both references, (b) and (c) of pseudo-inputs u and their images."""
+    return dict(energy_distance=references["val"].energy_distance(u),
                 energy_distance_test=references["test"].energy_distance(u), prior_nll=prior_nll(model, u, grid),
-                seconds_per_1000=seconds * 1000 / n, **classify(classifier, images))
+                **classify(classifier, images))
 
 
 class Reference:
@@ -137,10 +143,8 @@ def data_row(model, classifier, references, data_dir: str, n: int, grid: int) ->
     images = train[torch.randperm(train.shape[0])[:n]].float() / 127.5 - 1
     with torch.no_grad():
         u = model.pseudo.sample(model.pseudo.mean(images))[0]
-    return dict(sampler="data: u ~ r(u|x) of training images", steps=None, seed=0,
-                energy_distance=references["val"].energy_distance(u),
-                energy_distance_test=references["test"].energy_distance(u), prior_nll=prior_nll(model, u, grid),
-                seconds_per_1000=None, **classify(classifier, images))
+    return dict(sampler="data: u ~ r(u|x) of training images", steps=None, seed=0, seconds_per_1000=None,
+                **scores(model, classifier, references, u, images, grid))
 
 
 def main() -> None:

@@ -83,24 +83,23 @@ def _data_argument(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(kind):
+def _at_least_zero(kind, allow_zero: bool):
+    """An argparse type: `kind(text)`, refused unless > 0 (or >= 0 with `allow_zero`)."""
     def parse(text: str):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if allow_zero else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, got {text}")
         return value
 
     return parse
+
+
+def _positive(kind):
+    return _at_least_zero(kind, allow_zero=False)
 
 
 def _non_negative(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-
-    return parse
+    return _at_least_zero(kind, allow_zero=True)
 
 
 def _progress(args, total: int, desc: str, unit: str):

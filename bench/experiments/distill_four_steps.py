@@ -21,10 +21,9 @@ import scipy.linalg
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sampler_quality import energy_distance as v_energy_distance  # noqa: E402
+from distill_quality import held_out_references  # noqa: E402
 
 from dvp_fast import DVPVAE  # noqa: E402
-from dvp_fast import data as datasets  # noqa: E402
 from dvp_fast.distill import distill_one, energy_distance, student_sample, teacher_samples  # noqa: E402
 
 ARMS = {  # name: (moment_weight, batch_size, iterations)
@@ -40,12 +39,12 @@ def frechet_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(((a.mean(0) - b.mean(0)) ** 2).sum()), float(np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real))
 
 
-def score(u, teacher, val, test) -> dict:
+def score(u, teacher, references) -> dict:
     mean_term, cov_term = frechet_terms(u, teacher)
     runs = [u[i * 1000:(i + 1) * 1000] for i in range(u.shape[0] // 1000)]
     return dict(energy_to_teacher=float(energy_distance(u, teacher)), frechet_mean=mean_term, frechet_cov=cov_term,
-                energy_to_val=[v_energy_distance(r, val) for r in runs],
-                energy_to_test=[v_energy_distance(r, test) for r in runs])
+                energy_to_val=[references["val"].energy_distance(r) for r in runs],
+                energy_to_test=[references["test"].energy_distance(r) for r in runs])
 
 
 def main():
@@ -65,20 +64,18 @@ def main():
     torch.set_num_threads(args.threads)
     model = DVPVAE.from_checkpoint(args.checkpoint).eval()
     prior = model.u_prior
-    with torch.no_grad():
-        val = model.pseudo.mean(datasets.load_images("mnist", "val", root=args.data_dir).float() / 127.5 - 1)
-        test = model.pseudo.mean(datasets.load_images("mnist", "test", root=args.data_dir).float() / 127.5 - 1)
+    references = held_out_references(model, args.data_dir)
     start = time.time()
     torch.manual_seed(10)
     pool = teacher_samples(prior, args.pool)
     torch.manual_seed(11)
     teacher, second = teacher_samples(prior, 4000), teacher_samples(prior, 4000)
     print(f"teacher samples drawn in {time.time() - start:.0f} s", flush=True)
-    results = {"second teacher draw": score(second, teacher, val, test)}
+    results = {"second teacher draw": score(second, teacher, references)}
     with torch.no_grad():
         torch.manual_seed(12)
         results["checkpoint's 4-step student"] = score(model.sample_pseudoinputs(4000, steps=4, sampler="student"),
-                                                       teacher, val, test)
+                                                       teacher, references)
     print(json.dumps(results, indent=1), flush=True)
     for name, (moment_weight, batch, iterations) in ARMS.items():
         t0 = time.time()
@@ -87,7 +84,7 @@ def main():
         with torch.no_grad():
             torch.manual_seed(12)
             u = student_sample(prior, student, 4000, 4)
-        results[name] = dict(score(u, teacher, val, test), seconds=round(time.time() - t0))
+        results[name] = dict(score(u, teacher, references), seconds=round(time.time() - t0))
         print(name, json.dumps(results[name]), flush=True)
     payload = dict(checkpoint=args.checkpoint, pool=args.pool, threads=args.threads, torch=torch.__version__,
                    results=results)
