@@ -52,7 +52,9 @@ LEARNING_RATES = {"eps": 3e-4, "x": 1e-3}
 # spread is as large as these differences.
 TEACHER_SAMPLES = 16384
 MOMENT_WEIGHT = 1.0
-SCORE_SAMPLES = 4096  # each of the two fresh teacher draws a student is scored against
+SCORE_SAMPLES = 4096  # each of the fresh teacher draws a student is scored (or chosen) against
+# Candidate c of a step count is fitted with seed + k + CANDIDATE_SEED_STRIDE * c (candidate 0: as without candidates).
+CANDIDATE_SEED_STRIDE = 1000
 
 
 def predicts_for(steps: int, x_prediction_steps=X_PREDICTION_STEPS) -> str:
@@ -164,7 +166,7 @@ def _eps_student_above(model, steps: int) -> int | None:
 
 def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256, lr: float | None = None,
             teacher_n: int = TEACHER_SAMPLES, progress: bool = True, seed: int = 0,
-            x_prediction_steps=X_PREDICTION_STEPS, moment_weight: float = MOMENT_WEIGHT) -> dict:
+            x_prediction_steps=X_PREDICTION_STEPS, moment_weight: float = MOMENT_WEIGHT, candidates: int = 1) -> dict:
     """Distil `model`'s diffusion prior into students for each of `steps`, added to the model in place.
 
     Draws `teacher_n` samples of the teacher's 50-step ancestral sampler, fits one student per step
@@ -176,6 +178,9 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     call's, or one the model already has: distilling an already distilled model again refines its
     students), else from the teacher's; a student the model has for a step count in `steps` is
     replaced. `lr` defaults to LEARNING_RATES of each one's parameterisation.
+    With `candidates` > 1, each step count is fitted that many times (different seeds) and the
+    candidate closest (energy distance) to one more fresh teacher draw, used for nothing else, is kept:
+    the reported score, on the held-out draw, is then not the one it was chosen by.
     """
     prior = model.u_prior
     if not isinstance(prior, DiffusionPrior):
@@ -183,6 +188,8 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     steps = sorted({int(k) for k in steps})
     if not steps or steps[0] < 1:
         raise ValueError(f"steps must be positive step counts, got {steps}")
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -190,17 +197,27 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     targets = teacher_samples(prior, teacher_n)
     score_n = min(teacher_n // 2, SCORE_SAMPLES)
     held_out, second = teacher_samples(prior, score_n), teacher_samples(prior, score_n)
+    # Drawn after the others, so that one candidate reproduces a distillation without candidates.
+    selection = teacher_samples(prior, score_n) if candidates > 1 else None
     report = dict(teacher_steps=TEACHER_STEPS, teacher_samples=teacher_n, iterations=iterations,
-                  batch_size=batch_size, moment_weight=moment_weight, seed=seed, students={},
+                  batch_size=batch_size, moment_weight=moment_weight, seed=seed, candidates=candidates, students={},
                   teacher_noise_floor=float(energy_distance(second, held_out)))
     for k in sorted(steps, reverse=True):
         predicts = predicts_for(k, x_prediction_steps)
         k_lr = LEARNING_RATES[predicts] if lr is None else lr
         above = _eps_student_above(model, k) if predicts == "eps" else None
         fit_start = time.perf_counter()
-        student, losses = distill_one(prior, k, targets, iterations, batch_size, k_lr,
-                                      None if above is None else model.u_students[str(above)], progress,
-                                      seed + k, predicts, moment_weight)
+        init = None if above is None else model.u_students[str(above)]
+        fits = [distill_one(prior, k, targets, iterations, batch_size, k_lr, init, progress,
+                            seed + k + CANDIDATE_SEED_STRIDE * c, predicts, moment_weight) for c in range(candidates)]
+        chosen, selection_scores = 0, None
+        if selection is not None:
+            with torch.no_grad():
+                selection_scores = [float(energy_distance(student_sample(prior, candidate, score_n, k, None, predicts),
+                                                          selection)) for candidate, _ in fits]
+            chosen = min(range(candidates), key=selection_scores.__getitem__)
+        student, losses = fits[chosen]
+        del fits
         with torch.no_grad():
             before = float(energy_distance(student_sample(prior, prior.unet, score_n, k), held_out))
             after = float(energy_distance(student_sample(prior, student, score_n, k, None, predicts), held_out))
@@ -208,8 +225,10 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
         report["students"][str(k)] = dict(
             energy_distance=after, teacher_at_these_steps=before, predicts=predicts, lr=k_lr,
             started_from="teacher" if above is None else f"{above}-step student", iterations=iterations,
-            teacher_samples=teacher_n, moment_weight=moment_weight,
+            teacher_samples=teacher_n, moment_weight=moment_weight, candidates=candidates,
             final_loss=sum(losses[-20:]) / len(losses[-20:]), seconds=round(time.perf_counter() - fit_start, 1))
+        if selection_scores is not None:
+            report["students"][str(k)].update(chosen_candidate=chosen, candidate_energy_distances=selection_scores)
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.train(was_training)
     return report

@@ -22,13 +22,14 @@ def run_distill(args) -> None:
     model = DVPVAE.from_checkpoint_payload(source, path, ema=not args.raw_weights).to(_device(args.device))
     report = distill(model, steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                      teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed,
-                     moment_weight=args.moment_weight)
+                     moment_weight=args.moment_weight, candidates=args.candidates)
     # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration; the
     # report keeps the entries of the source's students that this run left as they were, each with the
-    # settings it was fitted with (reports from before the moment term had none: weight 0).
+    # settings it was fitted with (reports from before the moment term had none: weight 0; from before
+    # candidates, one).
     earlier = source.get("distill", {})
     settings = dict(iterations=earlier.get("iterations"), teacher_samples=earlier.get("teacher_samples"),
-                    moment_weight=earlier.get("moment_weight", 0.0))
+                    moment_weight=earlier.get("moment_weight", 0.0), candidates=earlier.get("candidates", 1))
     kept = {k: dict(settings, **r) for k, r in earlier.get("students", {}).items() if k not in report["students"]}
     payload = dict(model_config=model.config.to_dict(), model=model.cpu().state_dict(),
                    run=dict(source.get("run", {}), distilled_from=os.path.abspath(path)),
@@ -42,8 +43,15 @@ def run_distill(args) -> None:
         print(f"dvp-distill: {k}-step student (predicts {r['predicts']}): energy distance to the "
               f"{report['teacher_steps']}-step teacher "
               f"{r['energy_distance']:.4f} (the teacher itself in {steps}: {r['teacher_at_these_steps']:.4f}; "
-              f"teacher against itself: {floor:.4f}), {r['seconds']:.0f} s")
+              f"teacher against itself: {floor:.4f}), {r['seconds']:.0f} s{_chosen(r)}")
     print(f"dvp-distill: wrote {out}; sample with: dvp-sample --checkpoint {out} --steps {max(args.steps)} ...")
+
+
+def _chosen(entry: dict) -> str:
+    if "candidate_energy_distances" not in entry:
+        return ""
+    scores = ", ".join(f"{d:.5f}" for d in entry["candidate_energy_distances"])
+    return f"; kept candidate {entry['chosen_candidate']} of {len(entry['candidate_energy_distances'])} ({scores})"
 
 
 def distill_main(argv: list[str] | None = None) -> int:
@@ -60,6 +68,9 @@ def distill_main(argv: list[str] | None = None) -> int:
                    help="samples of the 50-step teacher to fit the students to")
     p.add_argument("--moment-weight", type=_non_negative(float), default=MOMENT_WEIGHT,
                    help="weight of the mean-and-covariance term beside the energy distance (0: none)")
+    p.add_argument("--candidates", type=_positive(int), default=1,
+                   help="students fitted per step count (other seeds); the one closest to a further teacher "
+                        "draw is kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw-weights", action="store_true", help="distil the training weights, not their EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

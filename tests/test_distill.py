@@ -184,6 +184,36 @@ def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
     assert sorted(model.u_students) == ["1", "2"]
 
 
+def test_with_candidates_the_student_kept_is_the_one_closest_to_a_separate_teacher_draw(monkeypatch):
+    import dvp_fast.distill as distill_module
+
+    fitted, real_distill_one = {}, distill_module.distill_one
+
+    def planted(prior, steps, targets, iterations, batch_size, lr, init, progress, seed, predicts, moment_weight):
+        student, losses = real_distill_one(prior, steps, targets, iterations, batch_size, lr, init, progress, seed,
+                                           predicts, moment_weight)
+        candidate = (seed - steps) // distill_module.CANDIDATE_SEED_STRIDE
+        if candidate != 1:  # planted far from the teacher: first and last, so neither "first" nor "last" passes
+            with torch.no_grad():
+                for p in student.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+        fitted[candidate] = student
+        return student, losses
+
+    monkeypatch.setattr(distill_module, "distill_one", planted)
+    model = small_model()
+    report = distill(model, steps=(2,), iterations=3, batch_size=32, teacher_n=64, progress=False, candidates=3)
+    entry = report["students"]["2"]
+    scores = entry["candidate_energy_distances"]
+    assert sorted(fitted) == [0, 1, 2] and entry["candidates"] == 3 and report["candidates"] == 3
+    assert entry["chosen_candidate"] == 1 and scores[1] < min(scores[0], scores[2]), scores
+    assert model.u_students["2"] is fitted[1]
+    # The reported score is on the held-out draw, not the one the candidate was chosen by.
+    assert entry["energy_distance"] != scores[1]
+    with pytest.raises(ValueError, match="candidates must be at least 1, got 0"):
+        distill(model, steps=(2,), candidates=0)
+
+
 def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path, capsys):
     from dvp_fast.cli import sample_main
     from dvp_fast.distill_cli import distill_main
@@ -213,3 +243,12 @@ def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path,
     assert sorted(DVPVAE.from_checkpoint(more).config.distilled_steps) == [1, 2]
     kept = torch.load(more, weights_only=True)["distill"]["students"]
     assert sorted(kept) == ["1", "2"] and kept["2"]["iterations"] == 2 and kept["2"]["teacher_samples"] == 48
+    assert kept["2"]["candidates"] == 1
+    # Candidates: the run says which it kept and what each scored.
+    chosen = str(tmp_path / "chosen.pt")
+    assert distill_main(["--checkpoint", out, "--steps", "1", "--iterations", "1", "--batch-size", "16",
+                         "--teacher-samples", "48", "--candidates", "2", "--out", chosen, "--no-progress"]) == 0
+    assert "kept candidate" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        distill_main(["--checkpoint", out, "--steps", "1", "--candidates", "0", "--out", chosen])
+    assert refused.value.code == 2 and "--candidates: must be > 0, got 0" in capsys.readouterr().err
