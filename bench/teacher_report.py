@@ -1,9 +1,9 @@
 """The distillation teacher, reported: its steps, its learning curve and its test NLL.
 
-    python bench/teacher_report.py --run runs/mnist-full
+    python bench/teacher_report.py --run runs/mnist-full [--name teacher-<date>]
 
 Reads the run's config.json, metrics.csv and the dvp-eval records in evaluations.json (those of the
-run's best.pt, matched by SHA-256), and writes bench/results/teacher-<date>.{md,csv,png}: the
+run's best.pt, matched by SHA-256), and writes bench/results/<name>.{md,csv,png} (default teacher-<date>): the
 learning curve as logged (train ELBO per logged step, validation ELBO at each evaluation) and the
 test figures of the checkpoint the students were distilled from.
 """
@@ -55,6 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="the teacher's run folder")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--name", default=None, help="the files' stem (default: teacher-<date>)")
     args = p.parse_args()
     with open(os.path.join(args.run, "config.json")) as f:
         config = json.load(f)
@@ -64,7 +65,8 @@ def main() -> None:
     evaluations = [e for e in read_evaluations(args.run) if e.get("checkpoint_sha256") == digest]
     date = datetime.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"teacher-{date}")
+    name = args.name or f"teacher-{date}"
+    stem = os.path.join(args.out, name)
     with open(stem + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -80,8 +82,8 @@ def main() -> None:
              f"peak), EMA {train['ema_decay']}, on the CPU (2 cores). {int(last['step'])} optimisation steps, "
              f"{last['epoch']:.2f} epochs. `best.pt` (SHA-256 `{digest[:12]}`) is the EMA weights at the best "
              f"validation ELBO, the checkpoint the students were distilled from.", "",
-             f"Learning curve: `teacher-{date}.csv` (metrics.csv as logged: every row a train batch, "
-             f"`val_elbo` at each evaluation), plotted in `teacher-{date}.png`.", "",
+             f"Learning curve: `{name}.csv` (metrics.csv as logged: every row a train batch, "
+             f"`val_elbo` at each evaluation), plotted in `{name}.png`.", "",
              "| evaluation at step | epoch | validation ELBO (nats) |", "|---|---|---|"]
     lines += [f"| {int(s)} | {e:.2f} | {v:.2f} |" for s, e, v in evals]
     lines += ["", "Test figures of `best.pt` (`dvp-eval`, EMA weights):", "",
