@@ -224,6 +224,7 @@ class Trainer:
             out += [st[k] for k in ("exp_avg", "exp_inf") if k in st]
         return out
 
+    @torch.no_grad()  # a copy from the weights with grad on makes the backup a graph node, which grew every step
     def _snapshot(self) -> list[torch.Tensor]:
         tensors = self._stateful_tensors()
         if self._backup is None:
