@@ -17,7 +17,8 @@ the teacher's *output distribution* instead: a k-step ancestral sampler whose ep
 as a copy of the teacher's and is trained, through its k steps (noise reparameterised), to
 minimise the energy distance (Székely & Rizzo; kernel-free, zero only for equal distributions)
 between its samples and samples of the teacher's 50-step ancestral sampler, drawn once, plus a
-term matching their mean and covariance (MOMENT_WEIGHT, TEACHER_SAMPLES below). The one-step
+term matching their mean and covariance (MOMENT_WEIGHT, TEACHER_SAMPLES below); with `candidates`,
+several seeds are fitted and the one closest to a further teacher draw is kept. The one-step
 student's network predicts x itself rather than eps (X_PREDICTION_STEPS, below).
 
 The student is a sampler only: the likelihood (ELBO, `nll`, training) always uses the full prior.
@@ -54,6 +55,9 @@ TEACHER_SAMPLES = 16384
 MOMENT_WEIGHT = 1.0
 SCORE_SAMPLES = 4096  # each of the fresh teacher draws a student is scored (or chosen) against
 # Candidate c of a step count is fitted with seed + k + CANDIDATE_SEED_STRIDE * c (candidate 0: as without candidates).
+# Candidates exist because a distillation's seed matters as much as its recipe (above): three 4-step students of
+# one recipe and pool ended at 0.00037, 0.00018 and 0.00041 from a fresh teacher draw
+# (bench/results/distill-2026-12-01-candidates-report.json).
 CANDIDATE_SEED_STRIDE = 1000
 
 
