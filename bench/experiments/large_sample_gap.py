@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_quality import held_out_references  # noqa: E402
+from sampler_quality import mean_distance  # noqa: E402
 
 from dvp_fast import DVPVAE  # noqa: E402
 from dvp_fast.distill import energy_distance  # noqa: E402
@@ -41,11 +42,11 @@ def main():
                    "student, 8 steps": model.sample_pseudoinputs(args.n, steps=8, sampler="student")}
     first = samples["teacher, 50 steps"]
     for name, u in samples.items():
-        flat, half = u.flatten(1), args.n // 4
+        half = args.n // 4
         to_teacher = "" if u is first else f" | to the first teacher draw {energy_distance(u, first):.5f}"
         print(f"{name}: U-statistic to val {energy_distance(u, refs['val'].u):.5f}, to test "
               f"{energy_distance(u, refs['test'].u):.5f}{to_teacher} | mean pairwise distance "
-              f"{torch.cdist(flat[:half], flat[half:2 * half]).mean():.4f}, mean norm {flat.norm(dim=1).mean():.4f}")
+              f"{mean_distance(u[:half], u[half:2 * half]):.4f}, mean norm {u.flatten(1).norm(dim=1).mean():.4f}")
     for name, u in samples.items():
         for split in ("val", "test"):
             runs = [refs[split].energy_distance(u[i * 1000:(i + 1) * 1000]) for i in range(args.n // 1000)]
