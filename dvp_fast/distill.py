@@ -131,7 +131,8 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
     if targets.shape[0] < 2 * batch_size:
         raise ValueError(f"distillation needs at least {2 * batch_size} teacher samples for batch {batch_size}, "
                          f"got {targets.shape[0]}")
-    student = copy.deepcopy(init if init is not None else prior.unet).train()
+    # Fitted in eval mode: the student samples with dropout off (DiffusionPrior.sample), so it is fitted so.
+    student = copy.deepcopy(init if init is not None else prior.unet).eval()
     for p in student.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
@@ -158,7 +159,7 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(energy=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
-    return student.eval(), losses
+    return student, losses
 
 
 def _eps_student_above(model, steps: int) -> int | None:

@@ -7,6 +7,7 @@ in the limit of many steps (the last term is p(u | z_0)'s own variance); the stu
 from its 1000-step samples must sample the same moments in 1 and 2 steps, where the teacher itself
 is far off.
 """
+import copy
 import math
 import os
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from dvp_fast import DVPVAE
 from dvp_fast.diffusion import DiffusionPrior
-from dvp_fast.distill import distill, distill_one, energy_distance, moment_mismatch, teacher_samples
+from dvp_fast.distill import distill, distill_one, energy_distance, moment_mismatch, student_sample, teacher_samples
 
 MU, S = 0.3, 0.2
 GAMMA_MIN, GAMMA_MAX = -6.0, 7.0  # the mnist preset's schedule
@@ -98,6 +99,24 @@ def test_students_of_the_exact_gaussian_prior_reproduce_its_moments_in_one_and_t
         assert after[0] == pytest.approx(MU, abs=0.01), (steps, after)
         assert after[1] == pytest.approx(target_std, rel=0.05), (steps, after)
         assert losses[-1] < losses[0]
+
+
+def test_a_student_is_fitted_with_dropout_off_as_it_samples():
+    # The omniglot preset's prior has dropout; a student fitted with it on would be fitted to a
+    # sampler other than the one it samples with. With a learning rate of 0, the first loss must be
+    # the energy distance of the dropout-free network's samples, replayed from the same generator.
+    torch.manual_seed(0)
+    prior = DiffusionPrior(1, 4, 16, 1, 0.5, 8, GAMMA_MIN, GAMMA_MAX)
+    with torch.no_grad():
+        for p in prior.unet.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # the zero-initialised output convs would hide dropout
+    targets = torch.randn(64, 1, 4, 4)
+    _, losses = distill_one(prior, 2, targets, iterations=1, batch_size=32, lr=0.0, seed=5, moment_weight=0.0)
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, 64, (32,), generator=generator)
+    with torch.no_grad():
+        u = student_sample(prior, copy.deepcopy(prior.unet).eval(), 32, 2, generator)
+    assert losses[0] == pytest.approx(float(energy_distance(u, targets[rows])), rel=1e-5, abs=1e-7)
 
 
 def test_an_x_predicting_step_uses_the_network_output_as_x_and_passes_the_clamp_gradient_on_request():
