@@ -1,0 +1,119 @@
+"""The 4-step student's outlying samples, and what removes them.
+
+    python bench/experiments/four_step_tail.py --checkpoint runs/mnist-full/distilled.pt \
+        --data-dir ../shared/data/mnist
+
+The 4-step student's runs of 1,000 sit further from held-out f(x) than the teacher's, with a larger
+run-to-run spread (bench/experiments/run_protocols.py). This measures, for the 50-step teacher, the
+checkpoint's 4-step and 8-step students and 4-step students refitted from its 8-step student with
+variants of the recipe: the upper quantiles of each sample's distance to its nearest validation f(x)
+(10,000 samples; validation f(x) to their own nearest other: the reference), and the V-statistic
+energy distance to all validation and all test f(x) of 10 runs of 1,000 (torch.manual_seed(s),
+s = 1..10, as bench/distill_quality.py draws them). Variants: the energy distance with exponent
+1.5 (|x - y|^1.5: a proper distance still, whose pull on a far sample grows with its distance,
+where the exponent 1's is the same for every sample); a teacher pool 4 times larger (65,536);
+twice the iterations; no gradient where x_hat is clamped (instead of passing it straight through);
+starting from the teacher's network instead of the 8-step student. `--arms` picks some.
+"""
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distill_quality import held_out_references  # noqa: E402
+
+import dvp_fast.distill as distill_module  # noqa: E402
+from dvp_fast import DVPVAE  # noqa: E402
+from dvp_fast.distill import distill_one, student_sample, teacher_samples  # noqa: E402
+
+QUANTILES = (0.5, 0.99, 0.999)
+
+
+def energy_distance_exponent(x, y, exponent):
+    """distill.energy_distance with |x - y|^exponent (0 < exponent < 2)."""
+    x, y = x.flatten(1).float(), y.flatten(1).float()
+    n, m = x.shape[0], y.shape[0]
+    xy = torch.cdist(x, y).pow(exponent).mean()
+    xx = torch.cdist(x, x).pow(exponent).sum() / (n * (n - 1))
+    yy = torch.cdist(y, y).pow(exponent).sum() / (m * (m - 1))
+    return 2 * xy - xx - yy
+
+
+def tail(u: torch.Tensor, val: torch.Tensor) -> dict:
+    nn = torch.cdist(u.flatten(1).double(), val).min(1).values
+    return dict(nn_quantiles=[float(q) for q in torch.quantile(nn, torch.tensor(QUANTILES).double())],
+                nn_max=float(nn.max()), beyond_1_5=int((nn > 1.5).sum()))
+
+
+def runs(sample, references) -> dict:
+    got = {"val": [], "test": []}
+    for s in range(1, 11):
+        torch.manual_seed(s)
+        u = sample(1000)
+        for split in got:
+            got[split].append(references[split].energy_distance(u))
+    return {split: dict(mean=statistics.mean(v), sd=statistics.stdev(v), lo=min(v), hi=max(v))
+            for split, v in got.items()}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="bench/results/distill-four-step-tail.json")
+    p.add_argument("--arms", nargs="+", default=None, help="the variants to fit (default: all)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = DVPVAE.from_checkpoint(args.checkpoint).eval()
+    prior = model.u_prior
+    references = held_out_references(model, args.data_dir)
+    val = references["val"].u.flatten(1).double()
+    loo = torch.cdist(val, val).fill_diagonal_(float("inf")).min(1).values
+    results = {"validation f(x), nearest other": dict(
+        nn_quantiles=[float(q) for q in torch.quantile(loo, torch.tensor(QUANTILES).double())],
+        nn_max=float(loo.max()), beyond_1_5=int((loo > 1.5).sum()) * 2)}  # per 10,000, as the samplers'
+    samplers = {"teacher, 50 steps": lambda n: model.sample_pseudoinputs(n, steps=50, sampler="ancestral"),
+                "checkpoint's 4-step student": lambda n: model.sample_pseudoinputs(n, steps=4, sampler="student"),
+                "checkpoint's 8-step student": lambda n: model.sample_pseudoinputs(n, steps=8, sampler="student")}
+    arms = {  # name: exponent, pool, iterations, gradient through the clamp, start from the 8-step student
+        "recipe as is": (1.0, 16384, 400, True, True), "exponent 1.5": (1.5, 16384, 400, True, True),
+        "pool 65,536": (1.0, 65536, 400, True, True), "800 iterations": (1.0, 16384, 800, True, True),
+        "zero gradient where clamped": (1.0, 16384, 400, False, True),
+        "from the teacher's network": (1.0, 16384, 400, True, False)}
+    arms = {name: arms[name] for name in (args.arms or arms)}
+    torch.manual_seed(20)
+    start = time.time()
+    pool = teacher_samples(prior, max(arm[1] for arm in arms.values()))
+    print(f"pool drawn in {time.time() - start:.0f} s", flush=True)
+    original = distill_module.energy_distance, distill_module.student_sample
+    for name, (exponent, rows, iterations, straight_through, from_eight) in arms.items():
+        start = time.time()
+        distill_module.energy_distance = functools.partial(energy_distance_exponent, exponent=exponent)
+        distill_module.student_sample = functools.partial(original[1], straight_through=straight_through)
+        try:
+            student, _ = distill_one(prior, 4, pool[:rows], iterations, 256, 3e-4,
+                                     model.u_students["8"] if from_eight else None, seed=1004)
+        finally:
+            distill_module.energy_distance, distill_module.student_sample = original
+        samplers[f"refitted 4-step student, {name}"] = (
+            lambda n, s=student: student_sample(prior, s, n, 4))
+        print(f"{name}: fitted in {time.time() - start:.0f} s", flush=True)
+    with torch.no_grad():
+        for name, sample in samplers.items():
+            torch.manual_seed(7)
+            results[name] = dict(tail(sample(10000), val), runs=runs(sample, references))
+            print(name, json.dumps(results[name]), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(checkpoint=args.checkpoint, quantiles=QUANTILES, torch=torch.__version__, results=results),
+                  f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
