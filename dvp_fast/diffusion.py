@@ -81,8 +81,10 @@ class DiffusionPrior(nn.Module):
     # --- sampling ---------------------------------------------------------------------------
     SAMPLERS = ("ancestral", "ddim")
 
-    def sampler_coefficients(self, steps: int, sampler: str, device: torch.device) -> torch.Tensor:
-        """Per-step constants, (steps, 6) float32, for step i = T..1 in order, with t = i/T, s = (i-1)/T.
+    def sampler_coefficients(self, steps: int, sampler: str, device: torch.device,
+                             times: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-step constants, (steps, 6) float32, for step i = T..1 in order, with t = i/T, s = (i-1)/T
+        (or t, s = times[k], times[k + 1] for step k, `times` a decreasing grid from 1 to 0 of steps + 1 points).
 
         Columns: t, 1/alpha_t, sigma_t, coefficient of z_t, coefficient of x_hat, std of z_s.
         "ancestral" draws z_s from q(z_s | z_t, x = x_hat) (VDM); "ddim" is the deterministic
@@ -91,8 +93,14 @@ class DiffusionPrior(nn.Module):
         """
         if sampler not in self.SAMPLERS:
             raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
-        i = torch.arange(steps, 0, -1, dtype=torch.float64)
-        t, s = i / steps, (i - 1) / steps
+        if times is None:
+            i = torch.arange(steps, 0, -1, dtype=torch.float64)
+            t, s = i / steps, (i - 1) / steps
+        else:
+            times = torch.as_tensor(times, dtype=torch.float64).cpu()
+            if times.shape != (steps + 1,) or times[0] != 1 or times[-1] != 0 or not (times.diff() < 0).all():
+                raise ValueError(f"times must decrease from 1 to 0 in {steps + 1} points, got {times.tolist()}")
+            t, s = times[:-1], times[1:]
         g_t, g_s = self.gamma(t), self.gamma(s)
         alpha_t, alpha_s = torch.sigmoid(-g_t).sqrt(), torch.sigmoid(-g_s).sqrt()
         var_t, var_s = torch.sigmoid(g_t), torch.sigmoid(g_s)

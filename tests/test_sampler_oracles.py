@@ -75,13 +75,15 @@ def _prior(preset: str, epsilon: nn.Module | None = None) -> DiffusionPrior:
     return prior
 
 
-def _step_coefficients(steps: int, gamma_min: float, gamma_max: float, sampler: str):
+def _step_coefficients(steps: int, gamma_min: float, gamma_max: float, sampler: str, times=None):
     """Per step i = T..1: (alpha_t, sigma_t^2, coefficient of z_t, of x_hat, variance of the noise), from
-    VDM's q(z_s | z_t, x) (ancestral) or the DDIM update z_s = alpha_s x_hat + sigma_s eps_hat."""
+    VDM's q(z_s | z_t, x) (ancestral) or the DDIM update z_s = alpha_s x_hat + sigma_s eps_hat; t, s = i/T,
+    (i-1)/T, or consecutive points of `times`."""
     rows = []
-    for i in range(steps, 0, -1):
-        at2, vt = _schedule(gamma_min, gamma_max, i / steps)
-        as2, vs = _schedule(gamma_min, gamma_max, (i - 1) / steps)
+    times = [i / steps for i in range(steps, -1, -1)] if times is None else times
+    for t, s in zip(times[:-1], times[1:]):
+        at2, vt = _schedule(gamma_min, gamma_max, t)
+        as2, vs = _schedule(gamma_min, gamma_max, s)
         at, as_ = math.sqrt(at2), math.sqrt(as2)
         if sampler == "ancestral":
             var_ts = vt - (at2 / as2) * vs  # sigma^2_{t|s} = sigma_t^2 - alpha_{t|s}^2 sigma_s^2
@@ -184,6 +186,19 @@ def test_coefficient_table_matches_the_vdm_formulas(preset, sampler, steps):
     want = torch.tensor([[(steps - k) / steps, 1 / at, math.sqrt(vt), cz, cx, math.sqrt(nv)]
                          for k, (at, vt, cz, cx, nv) in enumerate(rows)], dtype=torch.float64)
     torch.testing.assert_close(table, want, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_coefficient_table_on_another_time_grid_matches_the_vdm_formulas(sampler):
+    cfg, times = model_preset("mnist"), [1.0, 0.9, 0.5, 0.13, 0.0]
+    table = _prior("mnist").sampler_coefficients(4, sampler, torch.device("cpu"), times=torch.tensor(times)).double()
+    want = torch.tensor([[times[k], 1 / at, math.sqrt(vt), cz, cx, math.sqrt(nv)] for k, (at, vt, cz, cx, nv)
+                         in enumerate(_step_coefficients(4, cfg.gamma_min, cfg.gamma_max, sampler, times))],
+                        dtype=torch.float64)
+    torch.testing.assert_close(table, want, rtol=2e-6, atol=1e-7)
+    for bad in ([1.0, 0.5, 0.0], [1.0, 0.5, 0.6, 0.2, 0.0], [0.9, 0.7, 0.5, 0.2, 0.0]):
+        with pytest.raises(ValueError, match="times must decrease from 1 to 0 in 5 points"):
+            _prior("mnist").sampler_coefficients(4, sampler, torch.device("cpu"), times=torch.tensor(bad))
 
 
 # --- temperature -------------------------------------------------------------------------------------------------
