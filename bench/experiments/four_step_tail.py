@@ -16,7 +16,9 @@ twice the iterations; no gradient where x_hat is clamped (instead of passing it 
 starting from the teacher's network instead of the 8-step student; other time grids t_k = (k / 4)^p,
 k = 4..0, instead of the uniform one (p = 1): p = 1.5 (a longer first step, to where x_hat is better
 determined: 1 / alpha_t = 3.5 at t = 0.65 against 6.6 at 0.75) and p = 0.67; the network predicting x at
-the first step (where the eps student leaves 74 % of x_hat on the clamp) and eps after it. `--arms` picks some.
+the first step (where the eps student leaves 74 % of x_hat on the clamp) and eps after it; the energy distance
+also between each intermediate state z_s of the student and the teacher's marginal there, alpha_s u + sigma_s eps
+for teacher samples u (a trajectory off the marginals is pulled back where it leaves them). `--arms` picks some.
 """
 import argparse
 import functools
@@ -58,6 +60,35 @@ def x_first_sample(prior, unet, n, steps, generator=None, predicts="eps", straig
         noise = torch.randn(z.shape, generator=generator)
         z = prior.denoise_step(z, table[k], noise, unet, "x" if k == 0 else "eps", straight_through)
     return z / math.sqrt(_sigmoid(-prior.gamma_min))
+
+
+_TRAJECTORY = {}  # the last trajectory_sample call's intermediate states, for energy_with_marginals
+
+
+def trajectory_sample(prior, unet, n, steps, generator=None, predicts="eps", straight_through=True):
+    """distill.student_sample, keeping each intermediate z_s (and s) in _TRAJECTORY."""
+    table = prior.sampler_coefficients(steps, "ancestral", torch.device("cpu"))
+    z = torch.randn(n, *prior.shape, generator=generator)
+    states = []
+    for k in range(steps):
+        noise = torch.randn(z.shape, generator=generator)
+        z = prior.denoise_step(z, table[k], noise, unet, predicts, straight_through)
+        if k + 1 < steps:
+            states.append((float(table[k + 1][0]), z))
+    _TRAJECTORY.update(prior=prior, states=states, generator=generator)
+    return z / math.sqrt(_sigmoid(-prior.gamma_min))
+
+
+def energy_with_marginals(x, y, exponent=1.0):
+    """The energy distance of the final samples plus, for each intermediate z_s of the last trajectory_sample
+    call, its energy distance to alpha_s y + sigma_s eps (the teacher's marginal at s, y its samples)."""
+    loss = energy_distance_exponent(x, y, exponent)
+    prior, generator = _TRAJECTORY["prior"], _TRAJECTORY["generator"]
+    for s, z in _TRAJECTORY.pop("states"):
+        g = float(prior.gamma(torch.tensor(s, dtype=torch.float64)))
+        noisy = math.sqrt(_sigmoid(-g)) * y + math.sqrt(_sigmoid(g)) * torch.randn(y.shape, generator=generator)
+        loss = loss + energy_distance_exponent(z, noisy, exponent)
+    return loss
 
 
 def tail(u: torch.Tensor, val: torch.Tensor) -> dict:
@@ -109,7 +140,8 @@ def main():
         "from the teacher's network": (1.0, 16384, 400, True, False),
         "time grid power 1.5": (1.0, 16384, 400, True, True, 1.5),
         "time grid power 0.67": (1.0, 16384, 400, True, True, 0.67),
-        "x at the first step, eps after": (1.0, 16384, 400, True, True, 1.0, True)}
+        "x at the first step, eps after": (1.0, 16384, 400, True, True, 1.0, True),
+        "intermediate marginals matched too": (1.0, 16384, 400, True, True, 1.0, False, True)}
     arms = {name: arms[name] for name in (args.arms or arms)}
     torch.manual_seed(20)
     start = time.time()
@@ -119,10 +151,13 @@ def main():
     for name, (exponent, rows, iterations, straight_through, from_eight, *grid) in arms.items():
         start = time.time()
         power = grid[0] if grid else 1.0
-        sampler = x_first_sample if len(grid) > 1 else original[1]
+        sampler = x_first_sample if len(grid) > 1 and grid[1] else original[1]
+        if len(grid) > 2 and grid[2]:
+            sampler = trajectory_sample
         times = torch.linspace(1, 0, 5, dtype=torch.float64).pow(power)
         prior.sampler_coefficients = functools.partial(type(prior).sampler_coefficients, prior, times=times)
-        distill_module.energy_distance = functools.partial(energy_distance_exponent, exponent=exponent)
+        distill_module.energy_distance = functools.partial(
+            energy_with_marginals if sampler is trajectory_sample else energy_distance_exponent, exponent=exponent)
         distill_module.student_sample = functools.partial(sampler, straight_through=straight_through)
         try:
             student, _ = distill_one(prior, 4, pool[:rows], iterations, 256, 3e-4,
