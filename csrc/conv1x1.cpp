@@ -9,7 +9,10 @@
 // rides in the GEMM as W's last column), then ATen's batched GEMM (MKL or oneDNN) reads the NCHW
 // tensors where they lie and writes y or dx in place. Every sample's products are computed alone
 // and the weight gradient is one (Cout, Cin + 1) product per sample, summed in sample order, so the
-// chunking may follow the thread count while the results do not. Inputs may be float32 or bfloat16;
+// chunking may follow the thread count while the results do not. That product's reduction over HW is
+// cut into blocks of kReductionColumns, accumulated in order: MKL run outside a parallel region (a
+// single chunk) splits a longer reduction across its threads, whose number then changes the rounding
+// (measured on an Intel Xeon: K = 784 differs between 1 and 2 threads, K <= 512 does not). Inputs may be float32 or bfloat16;
 // the arithmetic is float32.
 #include "common.h"
 
@@ -18,6 +21,7 @@ namespace {
 
 constexpr int64_t kColumnsPerChunk = 2048;  // ~0.5 MB of float32 buffers per chunk at 32 channels
 constexpr int64_t kChunksPerThread = 4;     // so that uneven chunks still balance across threads
+constexpr int64_t kReductionColumns = 256;  // HW columns per weight-gradient GEMM (see the top)
 
 // Up to kColumnsPerChunk GEMM columns per chunk (fewer and the per-call overhead shows), but no
 // fewer than kChunksPerThread chunks per thread where the batch allows it.
@@ -170,8 +174,13 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_backward(const at::Tensor& grad_y, co
         if (need_weight || silu)
           fill_input<scalar_t>(xp + b0 * s.cin * s.hw, need_weight ? a.mutable_data_ptr<float>() : nullptr,
                                deriv.defined() ? deriv.mutable_data_ptr<float>() : nullptr, n, s.cin, s.hw, silu);
-        if (need_weight)  // dW'[b] = G[b] act(X[b])^T; the row of ones gives the bias gradient
-          partials.narrow(0, b0, n).baddbmm_(g, a.narrow(0, 0, n).transpose(1, 2), 0.0, 1.0);
+        if (need_weight) {  // dW'[b] = G[b] act(X[b])^T; the row of ones gives the bias gradient
+          at::Tensor dw = partials.narrow(0, b0, n), an = a.narrow(0, 0, n);
+          for (int64_t p0 = 0; p0 < s.hw; p0 += kReductionColumns) {
+            const int64_t len = std::min(kReductionColumns, s.hw - p0);
+            dw.baddbmm_(g.narrow(2, p0, len), an.narrow(2, p0, len).transpose(1, 2), p0 == 0 ? 0.0 : 1.0, 1.0);
+          }
+        }
         if (need_x) {  // dX = act'(X) * (W^T G)
           const bool direct = kFloat && !silu;
           at::Tensor dx = direct ? samples(gx, b0, n, s.hw) : d.narrow(0, 0, n);
