@@ -12,8 +12,8 @@
 // chunking may follow the thread count while the results do not. That product's reduction over HW is
 // cut into blocks of kReductionColumns, accumulated in order: MKL run outside a parallel region (a
 // single chunk) splits a longer reduction across its threads, whose number then changes the rounding
-// (measured on an Intel Xeon: K = 784 differs between 1 and 2 threads, K <= 512 does not). Inputs may be float32 or bfloat16;
-// the arithmetic is float32.
+// (measured on an Intel Xeon: K = 784 differs between 1 and 2 threads, K <= 512 does not).
+// Inputs may be float32 or bfloat16; the arithmetic is float32.
 #include "common.h"
 
 namespace dvp {

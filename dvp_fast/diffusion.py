@@ -94,13 +94,12 @@ class DiffusionPrior(nn.Module):
         if sampler not in self.SAMPLERS:
             raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         if times is None:
-            i = torch.arange(steps, 0, -1, dtype=torch.float64)
-            t, s = i / steps, (i - 1) / steps
+            times = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
         else:
             times = torch.as_tensor(times, dtype=torch.float64).cpu()
             if times.shape != (steps + 1,) or times[0] != 1 or times[-1] != 0 or not (times.diff() < 0).all():
                 raise ValueError(f"times must decrease from 1 to 0 in {steps + 1} points, got {times.tolist()}")
-            t, s = times[:-1], times[1:]
+        t, s = times[:-1], times[1:]
         g_t, g_s = self.gamma(t), self.gamma(s)
         alpha_t, alpha_s = torch.sigmoid(-g_t).sqrt(), torch.sigmoid(-g_s).sqrt()
         var_t, var_s = torch.sigmoid(g_t), torch.sigmoid(g_s)
