@@ -135,6 +135,31 @@ def held_out_references(model, data_dir: str) -> dict:
     return {split: Reference(model, split, data_dir) for split in ("val", "test")}
 
 
+def seeded_runs(sample, seeds, n: int = 1000) -> list[torch.Tensor]:
+    """sample(n) once per seed, each after torch.manual_seed(seed), as `measure` draws its runs."""
+    runs = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        runs.append(sample(n))
+    return runs
+
+
+def experiment_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every script in bench/experiments takes: --checkpoint, --data-dir, --threads."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def load_experiment(args) -> tuple:
+    """The model of args.checkpoint (eval mode) and its held-out references, on args.threads threads."""
+    torch.set_num_threads(args.threads)
+    model = DVPVAE.from_checkpoint(args.checkpoint).eval()
+    return model, held_out_references(model, args.data_dir)
+
+
 def data_row(model, classifier, references, data_dir: str, n: int, grid: int) -> dict:
     """Real pseudo-inputs u ~ r(u|x) of n random training images, scored like a sampler (their images as
     they are)."""

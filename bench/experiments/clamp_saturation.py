@@ -7,7 +7,6 @@ For the 4-step and 8-step students and the 50-step teacher: 10,000 samples (torc
 of x_hat's coordinates beyond [-1, 1] at each of the first steps, averaged over all samples and over the 1 % whose
 nearest validation f(x) is furthest (bench/results/distill-2026-12-02-four-step-tail.md).
 """
-import argparse
 import math
 import os
 import sys
@@ -15,21 +14,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import held_out_references  # noqa: E402
+from distill_quality import experiment_parser, load_experiment  # noqa: E402
 
-from dvp_fast import DVPVAE  # noqa: E402
 from dvp_fast.diffusion import _sigmoid  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = DVPVAE.from_checkpoint(args.checkpoint).eval()
-    val = held_out_references(model, args.data_dir)["val"].u.flatten(1).double()
+    model, references = load_experiment(experiment_parser(__doc__).parse_args())
+    val = references["val"].u.flatten(1).double()
     prior = model.u_prior
     for name, unet, steps in (("4-step student", model.u_students["4"], 4),
                               ("8-step student", model.u_students["8"], 8), ("teacher, 50 steps", prior.unet, 50)):

@@ -11,7 +11,6 @@ against 4000 fresh 50-step teacher samples: energy distance (U-statistic), the F
 distance split into its mean and covariance terms, and the V-statistic energy distance of
 1000-sample runs to held-out f(x) of the validation split (never trained on) and of the test split.
 """
-import argparse
 import json
 import os
 import sys
@@ -22,9 +21,8 @@ import scipy.linalg
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import held_out_references  # noqa: E402
+from distill_quality import experiment_parser, load_experiment  # noqa: E402
 
-from dvp_fast import DVPVAE  # noqa: E402
 from dvp_fast.distill import distill_one, energy_distance, student_sample, teacher_samples  # noqa: E402
 
 ARMS = {  # name: (moment_weight, batch_size, iterations, pool rows (None: all), seed)
@@ -54,14 +52,11 @@ def score(u, teacher, references) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-dir", required=True)
+    p = experiment_parser(__doc__)
     p.add_argument("--pool", type=int, default=16384, help="teacher samples the students are fitted to")
     p.add_argument("--pools", type=int, nargs="+", default=None,
                    help="instead of the default arms: the distillation recipe on the first N of max(N) teacher samples")
     p.add_argument("--seeds", type=int, nargs="+", default=[4], help="the fits' seeds (with --pools)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/distill-four-steps.json",
                    help="the results (.json, and a table beside it in .md)")
     p.add_argument("--table-only", action="store_true", help="only rewrite the .md from an existing --out")
@@ -70,10 +65,8 @@ def main():
         with open(args.out) as f:
             write_table(json.load(f), args.out)
         return
-    torch.set_num_threads(args.threads)
-    model = DVPVAE.from_checkpoint(args.checkpoint).eval()
+    model, references = load_experiment(args)
     prior = model.u_prior
-    references = held_out_references(model, args.data_dir)
     arms = ARMS if args.pools is None else pool_arms(args.pools, args.seeds)
     pool_size = args.pool if args.pools is None else max(args.pools)
     start = time.time()

@@ -20,7 +20,6 @@ the first step (where the eps student leaves 74 % of x_hat on the clamp) and eps
 also between each intermediate state z_s of the student and the teacher's marginal there, alpha_s u + sigma_s eps
 for teacher samples u (a trajectory off the marginals is pulled back where it leaves them). `--arms` picks some.
 """
-import argparse
 import functools
 import json
 import math
@@ -32,10 +31,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import held_out_references  # noqa: E402
+from distill_quality import experiment_parser, load_experiment, seeded_runs  # noqa: E402
 
 import dvp_fast.distill as distill_module  # noqa: E402
-from dvp_fast import DVPVAE  # noqa: E402
 from dvp_fast.diffusion import _sigmoid  # noqa: E402
 from dvp_fast.distill import distill_one, teacher_samples  # noqa: E402
 
@@ -52,31 +50,27 @@ def energy_distance_exponent(x, y, exponent):
     return 2 * xy - xx - yy
 
 
-def x_first_sample(prior, unet, n, steps, generator=None, predicts="eps", straight_through=True):
-    """distill.student_sample with the network's output read as x at the first step, as eps after it."""
-    table = prior.sampler_coefficients(steps, "ancestral", torch.device("cpu"))
-    z = torch.randn(n, *prior.shape, generator=generator)
-    for k in range(steps):
-        noise = torch.randn(z.shape, generator=generator)
-        z = prior.denoise_step(z, table[k], noise, unet, "x" if k == 0 else "eps", straight_through)
-    return z / math.sqrt(_sigmoid(-prior.gamma_min))
+_TRAJECTORY = {}  # the last sample_keeping_states call's intermediate states, for energy_with_marginals
 
 
-_TRAJECTORY = {}  # the last trajectory_sample call's intermediate states, for energy_with_marginals
-
-
-def trajectory_sample(prior, unet, n, steps, generator=None, predicts="eps", straight_through=True):
-    """distill.student_sample, keeping each intermediate z_s (and s) in _TRAJECTORY."""
+def sample_keeping_states(prior, unet, n, steps, generator=None, predicts="eps", straight_through=True,
+                          x_first=False):
+    """distill.student_sample, keeping each intermediate z_s (and s) in _TRAJECTORY; with `x_first`, the
+    network's output is read as x at the first step (as eps after it)."""
     table = prior.sampler_coefficients(steps, "ancestral", torch.device("cpu"))
     z = torch.randn(n, *prior.shape, generator=generator)
     states = []
     for k in range(steps):
         noise = torch.randn(z.shape, generator=generator)
-        z = prior.denoise_step(z, table[k], noise, unet, predicts, straight_through)
+        z = prior.denoise_step(z, table[k], noise, unet, "x" if x_first and k == 0 else predicts, straight_through)
         if k + 1 < steps:
             states.append((float(table[k + 1][0]), z))
     _TRAJECTORY.update(prior=prior, states=states, generator=generator)
     return z / math.sqrt(_sigmoid(-prior.gamma_min))
+
+
+x_first_sample = functools.partial(sample_keeping_states, x_first=True)
+trajectory_sample = sample_keeping_states
 
 
 def energy_with_marginals(x, y, exponent=1.0):
@@ -98,21 +92,14 @@ def tail(u: torch.Tensor, val: torch.Tensor) -> dict:
 
 
 def runs(sample, references) -> dict:
-    got = {"val": [], "test": []}
-    for s in range(1, 11):
-        torch.manual_seed(s)
-        u = sample(1000)
-        for split in got:
-            got[split].append(references[split].energy_distance(u))
+    draws = seeded_runs(sample, range(1, 11))
+    got = {split: [references[split].energy_distance(u) for u in draws] for split in ("val", "test")}
     return {split: dict(mean=statistics.mean(v), sd=statistics.stdev(v), lo=min(v), hi=max(v))
             for split, v in got.items()}
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--threads", type=int, default=2)
+    p = experiment_parser(__doc__)
     p.add_argument("--out", default="bench/results/distill-four-step-tail.json")
     p.add_argument("--arms", nargs="+", default=None, help="the variants to fit (default: all)")
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
@@ -121,10 +108,8 @@ def main():
     if args.table:
         write_table(args.table, args.out)
         return
-    torch.set_num_threads(args.threads)
-    model = DVPVAE.from_checkpoint(args.checkpoint).eval()
+    model, references = load_experiment(args)
     prior = model.u_prior
-    references = held_out_references(model, args.data_dir)
     val = references["val"].u.flatten(1).double()
     loo = torch.cdist(val, val).fill_diagonal_(float("inf")).min(1).values
     results = {"validation f(x), nearest other": dict(

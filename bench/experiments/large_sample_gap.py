@@ -9,7 +9,6 @@ all test images and to the first teacher draw, with each sample's mean pairwise 
 (2) the V-statistic of distill_quality.py on 8 runs of 1,000 of the same samples (mean, sd, range).
 Results are written down in bench/results/distill-2026-12-01-large-samples.md.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -17,23 +16,17 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import held_out_references  # noqa: E402
+from distill_quality import experiment_parser, load_experiment  # noqa: E402
 from sampler_quality import mean_distance  # noqa: E402
 
-from dvp_fast import DVPVAE  # noqa: E402
 from dvp_fast.distill import energy_distance  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-dir", required=True)
+    p = experiment_parser(__doc__)
     p.add_argument("--n", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = DVPVAE.from_checkpoint(args.checkpoint).eval()
-    refs = held_out_references(model, args.data_dir)
+    model, refs = load_experiment(args)
     torch.manual_seed(123)
     with torch.no_grad():
         samples = {"teacher, 50 steps": model.sample_pseudoinputs(args.n, steps=50, sampler="ancestral"),
