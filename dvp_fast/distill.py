@@ -59,6 +59,16 @@ SCORE_SAMPLES = 4096  # each of the fresh teacher draws a student is scored (or 
 # one recipe and pool ended at 0.00037, 0.00018 and 0.00041 from a fresh teacher draw
 # (bench/results/distill-2026-12-01-candidates-report.json).
 CANDIDATE_SEED_STRIDE = 1000
+# The weight of the reverse-KL term (FakeScore) beside the energy distance, its noise levels and its fake network's
+# learning rate. Measured on 4-step students (bench/results/distill-2026-12-02-four-step-objectives.md): the energy
+# distance barely moves a sample far from both sample sets (its pull to the targets and its push from the student's
+# others point the same way), and about 1 % of a 4-step student's samples lay further from real pseudo-inputs than any
+# of the teacher's; with this term at 0.1 the student has fewer such samples than the teacher (102 of 10,000 beyond
+# 1.5 from every validation f(x), the teacher 155, without the term 253); at 0.03 it removes half as many; at 0.3
+# and 1 the fit collapses (energy distance 0.15 to validation f(x)).
+REVERSE_KL_WEIGHT = 0.1
+REVERSE_KL_TIMES = (0.02, 0.98)
+FAKE_LR = 3e-4
 
 
 def predicts_for(steps: int, x_prediction_steps=X_PREDICTION_STEPS) -> str:
@@ -109,6 +119,51 @@ def student_sample(prior: DiffusionPrior, unet: torch.nn.Module, n: int, steps: 
     return z / math.sqrt(_sigmoid(-prior.gamma_min))
 
 
+class FakeScore:
+    """The reverse-KL term of distribution matching distillation (Yin et al., DMD, 2024).
+
+    KL(student || teacher) has the gradient E[score_student(u) - score_teacher(u)] in the student's samples u; on
+    noised samples z_t = alpha_t u + sigma_t eps both scores are known through denoisers: the teacher's network, and
+    a "fake" one fitted to the student's own samples as they change (it starts as the teacher's and takes an Adam
+    step of the diffusion loss on each batch of the student's samples, `fit`). `term(u)` is zero in value and has the
+    gradient (x_fake - x_real) / mean|u - x_real| in each sample u (DMD's per-sample normalisation), x_real and x_fake
+    the two denoisers' estimates of u from z_t, t ~ U(REVERSE_KL_TIMES): sigma_t^2 / alpha_t times the difference of
+    the scores, so a positive weighting of the KL's gradient. It is large where the student puts mass and the teacher
+    has little, which the energy distance hardly sees (REVERSE_KL_WEIGHT).
+    """
+
+    def __init__(self, prior: DiffusionPrior, generator: torch.Generator, lr: float = FAKE_LR):
+        self.prior, self.generator = prior, generator
+        self.fake = copy.deepcopy(prior.unet).eval()
+        for p in self.fake.parameters():
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(self.fake.parameters(), lr=lr)
+
+    def _noised(self, u: torch.Tensor, times: tuple[float, float]):
+        lo, hi = times
+        t = lo + (hi - lo) * torch.rand(u.shape[0], device=u.device, generator=self.generator)
+        g = self.prior.gamma(t)[:, None, None, None]
+        eps = torch.randn(u.shape, device=u.device, generator=self.generator)
+        alpha, sigma = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+        return alpha * u + sigma * eps, t, eps, alpha, sigma
+
+    def term(self, u: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z, t, _, alpha, sigma = self._noised(u.detach().float(), REVERSE_KL_TIMES)
+            x_real = (z - sigma * self.prior.unet(z, t).float()) / alpha
+            x_fake = (z - sigma * self.fake(z, t).float()) / alpha
+            scale = (u.detach() - x_real).abs().flatten(1).mean(1).clamp_min(1e-6)
+            g = (x_fake - x_real) / scale[:, None, None, None]
+        return (g * (u - u.detach())).flatten(1).sum(1).mean()
+
+    def fit(self, u: torch.Tensor) -> None:
+        z, t, eps, _, _ = self._noised(u.detach().float(), (0.0, 1.0))
+        loss = (self.fake(z, t).float() - eps).pow(2).flatten(1).sum(1).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
 @torch.no_grad()
 def teacher_samples(prior: DiffusionPrior, n: int, steps: int = TEACHER_STEPS, batch: int = 1000) -> torch.Tensor:
     """n samples of the teacher's own `steps`-step ancestral sampler (what the students are fitted to)."""
@@ -119,14 +174,16 @@ def teacher_samples(prior: DiffusionPrior, n: int, steps: int = TEACHER_STEPS, b
 def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterations: int = 400,
                 batch_size: int = 256, lr: float = 3e-4, init: torch.nn.Module | None = None,
                 progress: bool = False, seed: int = 0, predicts: str = "eps",
-                moment_weight: float = MOMENT_WEIGHT) -> tuple[torch.nn.Module, list[float]]:
+                moment_weight: float = MOMENT_WEIGHT,
+                reverse_kl_weight: float = REVERSE_KL_WEIGHT) -> tuple[torch.nn.Module, list[float]]:
     """A `steps`-step student network (predicting eps or x) fitted to `targets` (teacher samples);
     returns it and its losses.
 
     Adam (learning rate decayed to zero on a cosine) on the energy distance between a batch of student
     samples and a batch of targets, plus `moment_weight` times `moment_mismatch` against the mean and
-    covariance of all the targets; the student initialised from `init` (default: the teacher's
-    eps-network).
+    covariance of all the targets, plus `reverse_kl_weight` times FakeScore's reverse-KL term (its draws from
+    their own generator, so that the rest draws as without it; the losses returned leave it out: its value is
+    zero); the student initialised from `init` (default: the teacher's eps-network).
     """
     if targets.shape[0] < 2 * batch_size:
         raise ValueError(f"distillation needs at least {2 * batch_size} teacher samples for batch {batch_size}, "
@@ -141,6 +198,7 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
     generator = torch.Generator(device=targets.device).manual_seed(seed)
     flat = targets.flatten(1).float()
     target_mean, target_cov = flat.mean(0), torch.cov(flat.T)
+    fake = FakeScore(prior, torch.Generator(device=targets.device).manual_seed(seed + 1)) if reverse_kl_weight else None
     losses = []
     from tqdm import tqdm
 
@@ -152,11 +210,15 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
             loss = energy_distance(u, targets[rows])
             if moment_weight:
                 loss = loss + moment_weight * moment_mismatch(u, target_mean, target_cov)
+            losses.append(float(loss.detach()))
+            if fake is not None:
+                loss = loss + reverse_kl_weight * fake.term(u)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            if fake is not None:
+                fake.fit(u)
             bar.update(1)
             bar.set_postfix(energy=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
     return student, losses
@@ -171,11 +233,12 @@ def _eps_student_above(model, steps: int) -> int | None:
 
 def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256, lr: float | None = None,
             teacher_n: int = TEACHER_SAMPLES, progress: bool = True, seed: int = 0,
-            x_prediction_steps=X_PREDICTION_STEPS, moment_weight: float = MOMENT_WEIGHT, candidates: int = 1) -> dict:
+            x_prediction_steps=X_PREDICTION_STEPS, moment_weight: float = MOMENT_WEIGHT, candidates: int = 1,
+            reverse_kl_weight: float = REVERSE_KL_WEIGHT) -> dict:
     """Distil `model`'s diffusion prior into students for each of `steps`, added to the model in place.
 
     Draws `teacher_n` samples of the teacher's 50-step ancestral sampler, fits one student per step
-    count to them (`moment_weight`: see distill_one), and scores each against min(teacher_n / 2,
+    count to them (`moment_weight`, `reverse_kl_weight`: see distill_one), and scores each against min(teacher_n / 2,
     SCORE_SAMPLES) fresh teacher samples (energy distance; the same score for a second fresh teacher
     draw is the noise floor). Returns the report.
     Students for `x_prediction_steps` predict x and start from the teacher's network; the others
@@ -195,6 +258,9 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
         raise ValueError(f"steps must be positive step counts, got {steps}")
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
+    if reverse_kl_weight < 0 or moment_weight < 0:
+        raise ValueError(f"the loss weights must be >= 0, got moment_weight={moment_weight}, "
+                         f"reverse_kl_weight={reverse_kl_weight}")
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -205,7 +271,8 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     # Drawn after the others, so that one candidate reproduces a distillation without candidates.
     selection = teacher_samples(prior, score_n) if candidates > 1 else None
     report = dict(teacher_steps=TEACHER_STEPS, teacher_samples=teacher_n, iterations=iterations,
-                  batch_size=batch_size, moment_weight=moment_weight, seed=seed, candidates=candidates, students={},
+                  batch_size=batch_size, moment_weight=moment_weight, reverse_kl_weight=reverse_kl_weight, seed=seed,
+                  candidates=candidates, students={},
                   teacher_noise_floor=float(energy_distance(second, held_out)))
     for k in sorted(steps, reverse=True):
         predicts = predicts_for(k, x_prediction_steps)
@@ -214,7 +281,8 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
         fit_start = time.perf_counter()
         init = None if above is None else model.u_students[str(above)]
         fits = [distill_one(prior, k, targets, iterations, batch_size, k_lr, init, progress,
-                            seed + k + CANDIDATE_SEED_STRIDE * c, predicts, moment_weight) for c in range(candidates)]
+                            seed + k + CANDIDATE_SEED_STRIDE * c, predicts, moment_weight, reverse_kl_weight)
+                for c in range(candidates)]
         chosen, selection_scores = 0, None
         if selection is not None:
             with torch.no_grad():
@@ -230,7 +298,8 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
         report["students"][str(k)] = dict(
             energy_distance=after, teacher_at_these_steps=before, predicts=predicts, lr=k_lr,
             started_from="teacher" if above is None else f"{above}-step student", iterations=iterations,
-            teacher_samples=teacher_n, moment_weight=moment_weight, candidates=candidates,
+            teacher_samples=teacher_n, moment_weight=moment_weight, reverse_kl_weight=reverse_kl_weight,
+            candidates=candidates,
             final_loss=sum(losses[-20:]) / len(losses[-20:]), seconds=round(time.perf_counter() - fit_start, 1))
         if selection_scores is not None:
             report["students"][str(k)].update(chosen_candidate=chosen, candidate_energy_distances=selection_scores)

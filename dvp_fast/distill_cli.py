@@ -9,7 +9,7 @@ import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli import OneLineParser, _device, _non_negative, _positive, _run
-from .distill import MOMENT_WEIGHT, TEACHER_SAMPLES, distill
+from .distill import MOMENT_WEIGHT, REVERSE_KL_WEIGHT, TEACHER_SAMPLES, distill
 from .model import DVPVAE
 
 
@@ -22,14 +22,16 @@ def run_distill(args) -> None:
     model = DVPVAE.from_checkpoint_payload(source, path, ema=not args.raw_weights).to(_device(args.device))
     report = distill(model, steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                      teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed,
-                     moment_weight=args.moment_weight, candidates=args.candidates)
+                     moment_weight=args.moment_weight, candidates=args.candidates,
+                     reverse_kl_weight=args.reverse_kl_weight)
     # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration; the
     # report keeps the entries of the source's students that this run left as they were, each with the
-    # settings it was fitted with (reports from before the moment term had none: weight 0; from before
-    # candidates, one).
+    # settings it was fitted with (reports from before the moment term or the reverse-KL term had none:
+    # weight 0; from before candidates, one).
     earlier = source.get("distill", {})
     settings = dict(iterations=earlier.get("iterations"), teacher_samples=earlier.get("teacher_samples"),
-                    moment_weight=earlier.get("moment_weight", 0.0), candidates=earlier.get("candidates", 1))
+                    moment_weight=earlier.get("moment_weight", 0.0), candidates=earlier.get("candidates", 1),
+                    reverse_kl_weight=earlier.get("reverse_kl_weight", 0.0))
     kept = {k: dict(settings, **r) for k, r in earlier.get("students", {}).items() if k not in report["students"]}
     payload = dict(model_config=model.config.to_dict(), model=model.cpu().state_dict(),
                    run=dict(source.get("run", {}), distilled_from=os.path.abspath(path)),
@@ -68,6 +70,8 @@ def distill_main(argv: list[str] | None = None) -> int:
                    help="samples of the 50-step teacher to fit the students to")
     p.add_argument("--moment-weight", type=_non_negative(float), default=MOMENT_WEIGHT,
                    help="weight of the mean-and-covariance term beside the energy distance (0: none)")
+    p.add_argument("--reverse-kl-weight", type=_non_negative(float), default=REVERSE_KL_WEIGHT,
+                   help="weight of the reverse-KL (distribution matching) term beside the energy distance (0: none)")
     p.add_argument("--candidates", type=_positive(int), default=1,
                    help="students fitted per step count (other seeds); the one closest to a further teacher "
                         "draw is kept")

@@ -17,18 +17,20 @@ from torch import nn
 
 from dvp_fast import DVPVAE
 from dvp_fast.diffusion import DiffusionPrior
-from dvp_fast.distill import distill, distill_one, energy_distance, moment_mismatch, student_sample, teacher_samples
+from dvp_fast.distill import (FakeScore, distill, distill_one, energy_distance, moment_mismatch, student_sample,
+                              teacher_samples)
 
 MU, S = 0.3, 0.2
 GAMMA_MIN, GAMMA_MAX = -6.0, 7.0  # the mnist preset's schedule
 
 
 class ExactGaussianEps(nn.Module):
-    """The exact eps-predictor of N(MU, S^2) data, plus a learnable affine correction a(t) z + b(t)
-    that starts at zero: a student family that holds the exact few-step maps."""
+    """The exact eps-predictor of N(mu, s^2) data (MU, S unless given), plus a learnable affine correction
+    a(t) z + b(t) that starts at zero: a student family that holds the exact few-step maps."""
 
-    def __init__(self):
+    def __init__(self, mu: float = MU, s: float = S):
         super().__init__()
+        self.mu, self.s = mu, s
         self.correction = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 2))
         nn.init.zeros_(self.correction[2].weight)
         nn.init.zeros_(self.correction[2].bias)
@@ -36,7 +38,7 @@ class ExactGaussianEps(nn.Module):
     def forward(self, z, t):
         g = (GAMMA_MIN + (GAMMA_MAX - GAMMA_MIN) * t.double()).view(-1, 1, 1, 1)
         a2, s2 = torch.sigmoid(-g), torch.sigmoid(g)
-        exact = (s2.sqrt() * (z.double() - a2.sqrt() * MU) / (a2 * S ** 2 + s2)).float()
+        exact = (s2.sqrt() * (z.double() - a2.sqrt() * self.mu) / (a2 * self.s ** 2 + s2)).float()
         a, b = self.correction(t.float().view(-1, 1)).unbind(1)
         return exact + a.view(-1, 1, 1, 1) * z + b.view(-1, 1, 1, 1)
 
@@ -77,6 +79,56 @@ def test_the_moment_term_estimates_the_squared_moment_gaps_without_bias():
         assert sum(draws) / len(draws) == pytest.approx(expected, abs=0.02), expected
     with pytest.raises(ValueError, match="at least 4 rows"):
         moment_mismatch(torch.zeros(3, 2), torch.zeros(2), torch.eye(2))
+
+
+def test_the_reverse_kl_term_descends_the_closed_form_kl_and_vanishes_at_the_teacher():
+    # Student samples u = m + s xi, xi ~ N(0, I), against the Gaussian teacher N(MU, S^2), the fake network the
+    # exact eps-predictor of N(m, s^2). KL(N(m, s^2) || N(MU, S^2)) per dimension has the gradient
+    # ((m - MU) / S^2, s / S^2 - 1 / s), written here from the formula. The term's gradient is the KL's,
+    # weighted per sample and noise level (positively), so it must be a descent direction of the KL (a positive
+    # inner product with its gradient), have the KL's sign where one parameter alone is off, and be exactly zero
+    # at m, s = MU, S, where the fake is the teacher's network. Swapping the fake and the teacher flips every sign.
+    prior = oracle_prior()
+    for m, s, off in ((MU, 1.5 * S, 1), (MU, 0.6 * S, 1), (MU, 1.1 * S, 1), (MU + 0.1, S, 0),
+                      (MU - 0.15, 1.3 * S, None), (MU, S, None)):
+        fake = FakeScore(prior, torch.Generator().manual_seed(3))
+        fake.fake = ExactGaussianEps(m, s)
+        params = torch.tensor([m, s], dtype=torch.float32, requires_grad=True)
+        xi = torch.randn(20000, 1, 2, 2, generator=torch.Generator().manual_seed(4))
+        fake.term(params[0] + params[1] * xi).backward()
+        kl_gradient = torch.tensor([(m - MU) / S ** 2, s / S ** 2 - 1 / s])
+        if (m, s) == (MU, S):
+            assert params.grad.tolist() == [0.0, 0.0]
+            continue
+        assert float(params.grad @ kl_gradient) > 0, (m, s, params.grad)
+        if off is not None:
+            assert params.grad[off] * kl_gradient[off] > 0, (m, s, params.grad)
+        with torch.no_grad():
+            assert float(fake.term(params[0] + params[1] * xi)) == 0.0  # zero in value: losses leave it out
+
+
+def test_the_fake_network_is_fitted_to_the_students_samples():
+    # Fitted on samples of N(-0.2, 0.35^2), the fake (starting as the teacher's N(MU, S^2) predictor) must come
+    # closer to that distribution's exact eps-predictor on its noised samples; fitted on the teacher's own
+    # samples, or with a wrong noising, it would not.
+    torch.manual_seed(0)
+    prior = oracle_prior()
+    fake = FakeScore(prior, torch.Generator().manual_seed(1), lr=3e-3)
+    student_law = ExactGaussianEps(-0.2, 0.35)
+
+    def gap():
+        generator = torch.Generator().manual_seed(2)
+        u = -0.2 + 0.35 * torch.randn(4096, 1, 2, 2, generator=generator)
+        t = torch.rand(4096, generator=generator)
+        g = prior.gamma(t)[:, None, None, None]
+        z = torch.sigmoid(-g).sqrt() * u + torch.sigmoid(g).sqrt() * torch.randn(u.shape, generator=generator)
+        with torch.no_grad():
+            return float((fake.fake(z, t) - student_law(z, t)).pow(2).mean())
+
+    before = gap()
+    for _ in range(300):
+        fake.fit(-0.2 + 0.35 * torch.randn(256, 1, 2, 2))
+    assert gap() < 0.3 * before, (before, gap())
 
 
 @pytest.mark.slow
@@ -208,9 +260,10 @@ def test_with_candidates_the_student_kept_is_the_one_closest_to_a_separate_teach
 
     fitted, real_distill_one = {}, distill_module.distill_one
 
-    def planted(prior, steps, targets, iterations, batch_size, lr, init, progress, seed, predicts, moment_weight):
+    def planted(prior, steps, targets, iterations, batch_size, lr, init, progress, seed, predicts, moment_weight,
+                reverse_kl_weight):
         student, losses = real_distill_one(prior, steps, targets, iterations, batch_size, lr, init, progress, seed,
-                                           predicts, moment_weight)
+                                           predicts, moment_weight, reverse_kl_weight)
         candidate = (seed - steps) // distill_module.CANDIDATE_SEED_STRIDE
         if candidate != 1:  # planted far from the teacher: first and last, so neither "first" nor "last" passes
             with torch.no_grad():
