@@ -17,7 +17,9 @@ the teacher's *output distribution* instead: a k-step ancestral sampler whose ep
 as a copy of the teacher's and is trained, through its k steps (noise reparameterised), to
 minimise the energy distance (Székely & Rizzo; kernel-free, zero only for equal distributions)
 between its samples and samples of the teacher's 50-step ancestral sampler, drawn once, plus a
-term matching their mean and covariance (MOMENT_WEIGHT, TEACHER_SAMPLES below); with `candidates`,
+term matching their mean and covariance (MOMENT_WEIGHT, TEACHER_SAMPLES below), and, from 4 steps on, the reverse-KL
+gradient of distribution matching distillation (FakeScore, REVERSE_KL_WEIGHT), which pulls in the rare samples far
+from the teacher's that the energy distance leaves alone; with `candidates`,
 several seeds are fitted and the one closest to a further teacher draw is kept. The one-step
 student's network predicts x itself rather than eps (X_PREDICTION_STEPS, below).
 
@@ -65,8 +67,13 @@ CANDIDATE_SEED_STRIDE = 1000
 # others point the same way), and about 1 % of a 4-step student's samples lay further from real pseudo-inputs than any
 # of the teacher's; with this term at 0.1 the student has fewer such samples than the teacher (102 of 10,000 beyond
 # 1.5 from every validation f(x), the teacher 155, without the term 253); at 0.03 it removes half as many; at 0.3
-# and 1 the fit collapses (energy distance 0.15 to validation f(x)).
+# and 1 the fit collapses (energy distance 0.15 to validation f(x)). Only students of REVERSE_KL_MIN_STEPS steps or
+# more get it: in the full recipe with it at every step count (distill-2026-12-02-reverse-kl-report.json) the 2-step
+# student kept was at 0.051 from a teacher draw, against 0.0013 without it from the same start and seeds
+# (distill-2026-12-02-report.json; from this 4-step student two of three 2-step candidates collapse with or without it,
+# at 0.18 to 0.24, and the candidates keep the third), and the 1-step one at 0.0034 against 0.0028.
 REVERSE_KL_WEIGHT = 0.1
+REVERSE_KL_MIN_STEPS = 4
 REVERSE_KL_TIMES = (0.02, 0.98)
 FAKE_LR = 3e-4
 
@@ -238,7 +245,8 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     """Distil `model`'s diffusion prior into students for each of `steps`, added to the model in place.
 
     Draws `teacher_n` samples of the teacher's 50-step ancestral sampler, fits one student per step
-    count to them (`moment_weight`, `reverse_kl_weight`: see distill_one), and scores each against min(teacher_n / 2,
+    count to them (`moment_weight`, `reverse_kl_weight`: see distill_one; the latter only for students of
+    REVERSE_KL_MIN_STEPS steps or more, the others get 0), and scores each against min(teacher_n / 2,
     SCORE_SAMPLES) fresh teacher samples (energy distance; the same score for a second fresh teacher
     draw is the noise floor). Returns the report.
     Students for `x_prediction_steps` predict x and start from the teacher's network; the others
@@ -278,10 +286,11 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
         predicts = predicts_for(k, x_prediction_steps)
         k_lr = LEARNING_RATES[predicts] if lr is None else lr
         above = _eps_student_above(model, k) if predicts == "eps" else None
+        k_reverse_kl = reverse_kl_weight if k >= REVERSE_KL_MIN_STEPS else 0.0
         fit_start = time.perf_counter()
         init = None if above is None else model.u_students[str(above)]
         fits = [distill_one(prior, k, targets, iterations, batch_size, k_lr, init, progress,
-                            seed + k + CANDIDATE_SEED_STRIDE * c, predicts, moment_weight, reverse_kl_weight)
+                            seed + k + CANDIDATE_SEED_STRIDE * c, predicts, moment_weight, k_reverse_kl)
                 for c in range(candidates)]
         chosen, selection_scores = 0, None
         if selection is not None:
@@ -298,7 +307,7 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
         report["students"][str(k)] = dict(
             energy_distance=after, teacher_at_these_steps=before, predicts=predicts, lr=k_lr,
             started_from="teacher" if above is None else f"{above}-step student", iterations=iterations,
-            teacher_samples=teacher_n, moment_weight=moment_weight, reverse_kl_weight=reverse_kl_weight,
+            teacher_samples=teacher_n, moment_weight=moment_weight, reverse_kl_weight=k_reverse_kl,
             candidates=candidates,
             final_loss=sum(losses[-20:]) / len(losses[-20:]), seconds=round(time.perf_counter() - fit_start, 1))
         if selection_scores is not None:

@@ -9,7 +9,7 @@ import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli import OneLineParser, _device, _non_negative, _positive, _run
-from .distill import MOMENT_WEIGHT, REVERSE_KL_WEIGHT, TEACHER_SAMPLES, distill
+from .distill import MOMENT_WEIGHT, REVERSE_KL_MIN_STEPS, REVERSE_KL_WEIGHT, TEACHER_SAMPLES, distill
 from .model import DVPVAE
 
 
@@ -71,7 +71,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--moment-weight", type=_non_negative(float), default=MOMENT_WEIGHT,
                    help="weight of the mean-and-covariance term beside the energy distance (0: none)")
     p.add_argument("--reverse-kl-weight", type=_non_negative(float), default=REVERSE_KL_WEIGHT,
-                   help="weight of the reverse-KL (distribution matching) term beside the energy distance (0: none)")
+                   help="weight of the reverse-KL (distribution matching) term beside the energy distance, for "
+                        f"students of {REVERSE_KL_MIN_STEPS} steps or more (0: none)")
     p.add_argument("--candidates", type=_positive(int), default=1,
                    help="students fitted per step count (other seeds); the one closest to a further teacher "
                         "draw is kept")

@@ -215,6 +215,8 @@ def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
     assert set(report["students"]) == {"1", "2"} and model.config.distilled_steps == (1, 2)
     assert model.config.distilled_x_prediction == (1,) and model.student_predicts(1) == "x"
     assert report["students"]["1"]["predicts"] == "x" and report["students"]["2"]["predicts"] == "eps"
+    # The reverse-KL term only from 4 steps on (distill.REVERSE_KL_MIN_STEPS).
+    assert report["reverse_kl_weight"] == 0.1 and report["students"]["2"]["reverse_kl_weight"] == 0.0
     assert model.sampler_for(2) == "student" and model.sampler_for(4) == "ancestral"
     assert model.sampler_for(2, "ddim") == "ddim"
     with pytest.raises(ValueError, match=r"no distilled student for 4 steps \(this model has students for \[1, 2\]"):

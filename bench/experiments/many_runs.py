@@ -1,0 +1,130 @@
+"""Many runs of 1,000: how often a sampler passes the issue's test of being within the teacher's spread.
+
+    python bench/experiments/many_runs.py --checkpoint runs/mnist-full/distilled.pt --data-dir ../shared/data/mnist \
+        [--students NAME=FILE ...] [--runs 100]
+
+bench/distill_quality.py calls a student within the teacher's run-to-run spread on the energy distance to
+held-out f(x) when the mean of its 10 runs of 1,000 (seeds 1 to 10) lies in the range of the 50-step teacher's
+10 runs (seeds 1 to 10). That is one draw of a noisy test. This draws `--runs` runs of 1,000 (seeds 1 to R) of
+the teacher (50 ancestral steps), the checkpoint's 4- and 8-step students and 4-step student networks saved by
+four_step_objectives.py --save-dir (state dicts, NAME=FILE), scores each run as distill_quality.py does
+(V-statistic energy distance to all validation and to all test f(x)), and estimates the test's pass rate: the
+share of 10,000 pairs of a random 10 of the sampler's runs and a random 10 of the teacher's (each without
+replacement) where the sampler's mean lies within the teacher's range (for the teacher itself, two disjoint
+random sets of 10 of its runs: the rate at which a sampler exactly as good passes). `--reuse` takes the runs of
+an earlier call's samplers of the same name (the same seeds draw the same runs) where its teacher's weights are
+the same. Also four_step_tail.py's distances of 10,000 samples (torch.manual_seed(7)) to their nearest validation
+f(x).
+"""
+import json
+import os
+import random
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from distill_quality import experiment_parser, load_experiment, seeded_runs  # noqa: E402
+
+from four_step_tail import tail  # noqa: E402
+
+from dvp_fast.distill import student_sample  # noqa: E402
+
+PAIRS = 10000
+GROUP = 10
+
+
+def pass_rate(runs: list[float], teacher: list[float], same: bool, rng: random.Random) -> float:
+    hits = 0
+    for _ in range(PAIRS):
+        if same:
+            picked = rng.sample(range(len(teacher)), 2 * GROUP)
+            mine, theirs = [teacher[i] for i in picked[:GROUP]], [teacher[i] for i in picked[GROUP:]]
+        else:
+            mine, theirs = rng.sample(runs, GROUP), rng.sample(teacher, GROUP)
+        hits += min(theirs) <= statistics.mean(mine) <= max(theirs)
+    return hits / PAIRS
+
+
+def summary(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=20)
+    return dict(mean=statistics.mean(values), sd=statistics.stdev(values), q05=q[0], median=statistics.median(values),
+                q95=q[-1], lo=min(values), hi=max(values))
+
+
+def table(results: dict, scores: dict) -> list[str]:
+    """Markdown: per sampler and split, the mean of the runs, the central 90 % of them, the mean of seeds 1 to 10
+    (distill_quality.py's runs) and the pass rate; then the nearest-neighbour tail."""
+    lines = ["| sampler | to val f(x): mean (sd) | 5 to 95 % of runs | seeds 1-10 | passes | to test f(x): mean (sd) | "
+             "5 to 95 % | seeds 1-10 | passes | nearest val f(x): 99.9 % | max | beyond 1.5, of 10,000 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        cells = []
+        for split in ("val", "test"):
+            got = r[split]
+            cells += [f"{got['mean']:.5f} ({got['sd']:.5f})", f"{got['q05']:.4f} to {got['q95']:.4f}",
+                      f"{statistics.mean(scores[name][split][:GROUP]):.4f}", f"{100 * got['pass_rate']:.0f} %"]
+        t = r["tail"]
+        cells += [f"{t['nn_quantiles'][-1]:.2f}", f"{t['nn_max']:.2f}", str(t["beyond_1_5"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main():
+    p = experiment_parser(__doc__)
+    p.add_argument("--students", nargs="*", default=[], metavar="NAME=FILE")
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--out", default="bench/results/distill-many-runs.json")
+    p.add_argument("--reuse", default=None, metavar="JSON",
+                   help="an earlier output of this script: its runs of samplers of the same name are taken, not drawn "
+                        "again (the same seeds give the same runs)")
+    args = p.parse_args()
+    model, references = load_experiment(args)
+    prior = model.u_prior
+    samplers = {"teacher, 50 steps": lambda n: model.sample_pseudoinputs(n, steps=50, sampler="ancestral"),
+                "checkpoint's 4-step student": lambda n: model.sample_pseudoinputs(n, steps=4, sampler="student"),
+                "checkpoint's 8-step student": lambda n: model.sample_pseudoinputs(n, steps=8, sampler="student")}
+    for spec in args.students:
+        name, path = spec.split("=", 1)
+        net = prior.new_unet().eval()
+        net.load_state_dict(torch.load(path))
+        samplers[name] = lambda n, net=net: student_sample(prior, net, n, 4)
+    fingerprint = float(sum(p.detach().double().sum() for p in prior.unet.parameters()))  # the teacher, in a number
+    scores = {}
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)
+        if earlier.get("teacher_fingerprint") != fingerprint or earlier["runs"] != args.runs:
+            raise SystemExit(f"--reuse {args.reuse}: made with another teacher or another number of runs")
+        # The checkpoint's own student is the same only for the same checkpoint file.
+        scores = {name: got for name, got in earlier["scores"].items() if name in samplers and (
+            earlier["checkpoint"] == args.checkpoint or not name.startswith("checkpoint's"))}
+    with torch.no_grad():
+        for name, sample in samplers.items():
+            if name in scores:
+                continue
+            draws = seeded_runs(sample, range(1, args.runs + 1))
+            scores[name] = {split: [references[split].energy_distance(u) for u in draws] for split in ("val", "test")}
+            print(name, "done", flush=True)
+    teacher = scores["teacher, 50 steps"]
+    val = references["val"].u.flatten(1).double()
+    results = {}
+    for name, got in scores.items():
+        results[name] = {split: dict(summary(v), pass_rate=pass_rate(v, teacher[split], name == "teacher, 50 steps",
+                                                                     random.Random(0)))
+                         for split, v in got.items()}
+        with torch.no_grad():
+            torch.manual_seed(7)
+            results[name]["tail"] = tail(samplers[name](10000), val)
+        print(name, json.dumps(results[name]), flush=True)
+    print("\n".join(table(results, scores)))
+    with open(args.out, "w") as f:
+        json.dump(dict(checkpoint=args.checkpoint, runs=args.runs, teacher_fingerprint=fingerprint,
+                       torch=torch.__version__, results=results,
+                       scores=scores), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
