@@ -84,7 +84,7 @@ def main():
     for name, (moment_weight, batch, iterations, rows, seed) in arms.items():
         t0 = time.time()
         student, _ = distill_one(prior, 4, pool[:rows], iterations, batch, 3e-4, model.u_students["8"], seed=seed,
-                                 moment_weight=moment_weight)
+                                 moment_weight=moment_weight, reverse_kl_weight=0.0)  # the arms predate that term
         with torch.no_grad():
             torch.manual_seed(12)
             u = student_sample(prior, student, 4000, 4)

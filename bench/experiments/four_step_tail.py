@@ -146,7 +146,8 @@ def main():
         distill_module.student_sample = functools.partial(sampler, straight_through=straight_through)
         try:
             student, _ = distill_one(prior, 4, pool[:rows], iterations, 256, 3e-4,
-                                     model.u_students["8"] if from_eight else None, seed=1004)
+                                     model.u_students["8"] if from_eight else None, seed=1004,
+                                     reverse_kl_weight=0.0)  # the recipe these variants vary had no such term
         finally:
             distill_module.energy_distance, distill_module.student_sample = original
             del prior.sampler_coefficients

@@ -72,6 +72,22 @@ def table(results: dict, scores: dict) -> list[str]:
     return lines
 
 
+def write_table(paths: list[str], out: str) -> None:
+    results, scores, lines = {}, {}, []
+    for path in paths:
+        with open(path) as f:
+            got = json.load(f)
+        lines.append(f"- `{os.path.basename(path)}`: checkpoint `{got['checkpoint']}`, {got['runs']} runs, "
+                     f"torch {got['torch']}")
+        for name, r in got["results"].items():
+            if name.startswith("teacher") and name in results:
+                continue  # the same teacher runs, reused
+            label = name if name.startswith("teacher") else f"{os.path.basename(got['checkpoint'])}: {name}"
+            results[label], scores[label] = r, got["scores"][name]
+    with open(out, "w") as f:
+        f.write("\n".join(lines + [""] + table(results, scores)) + "\n")
+
+
 def main():
     p = experiment_parser(__doc__)
     p.add_argument("--students", nargs="*", default=[], metavar="NAME=FILE")
@@ -80,7 +96,12 @@ def main():
     p.add_argument("--reuse", default=None, metavar="JSON",
                    help="an earlier output of this script: its runs of samplers of the same name are taken, not drawn "
                         "again (the same seeds give the same runs)")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="only write the Markdown table of these outputs (their samplers, prefixed by file) to --out")
     args = p.parse_args()
+    if args.table:
+        write_table(args.table, args.out)
+        return
     model, references = load_experiment(args)
     prior = model.u_prior
     samplers = {"teacher, 50 steps": lambda n: model.sample_pseudoinputs(n, steps=50, sampler="ancestral"),
