@@ -215,8 +215,12 @@ def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
     assert set(report["students"]) == {"1", "2"} and model.config.distilled_steps == (1, 2)
     assert model.config.distilled_x_prediction == (1,) and model.student_predicts(1) == "x"
     assert report["students"]["1"]["predicts"] == "x" and report["students"]["2"]["predicts"] == "eps"
-    # The reverse-KL term only from 4 steps on (distill.REVERSE_KL_MIN_STEPS).
+    # The reverse-KL term only from 4 steps on (distill.REVERSE_KL_MIN_STEPS), and a student without it never
+    # starts from one with it.
     assert report["reverse_kl_weight"] == 0.1 and report["students"]["2"]["reverse_kl_weight"] == 0.0
+    four = small_model()
+    both = distill(four, steps=(2, 4), iterations=2, batch_size=32, teacher_n=64, progress=False)
+    assert both["students"]["4"]["reverse_kl_weight"] == 0.1 and both["students"]["2"]["started_from"] == "teacher"
     assert model.sampler_for(2) == "student" and model.sampler_for(4) == "ancestral"
     assert model.sampler_for(2, "ddim") == "ddim"
     with pytest.raises(ValueError, match=r"no distilled student for 4 steps \(this model has students for \[1, 2\]"):
