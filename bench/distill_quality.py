@@ -144,13 +144,31 @@ def seeded_runs(sample, seeds, n: int = 1000) -> list[torch.Tensor]:
     return runs
 
 
-def experiment_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments every script in bench/experiments takes: --checkpoint, --data-dir, --threads."""
+def experiment_parser(doc: str, write_table=None) -> argparse.ArgumentParser:
+    """The arguments every script in bench/experiments takes: --checkpoint, --data-dir, --threads; with
+    write_table(paths, out) also --table JSON..., which only writes the table of earlier results to --out.
+    Parse them with experiment_args."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--checkpoint", help="a checkpoint with students (required unless --table)")
+    p.add_argument("--data-dir", help="the MNIST IDX files (required unless --table)")
     p.add_argument("--threads", type=int, default=2)
+    if write_table is not None:
+        p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                       help="only write the table of these results files to --out (a .md); needs no checkpoint")
+        p.set_defaults(write_table=write_table)
     return p
+
+
+def experiment_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """p's arguments; with --table, writes that table and exits."""
+    args = p.parse_args()
+    if getattr(args, "table", None):
+        args.write_table(args.table, args.out)
+        raise SystemExit(0)
+    missing = [name for name in ("checkpoint", "data_dir") if getattr(args, name) is None]
+    if missing:
+        p.error("the following arguments are required: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return args
 
 
 def load_experiment(args) -> tuple:

@@ -72,8 +72,8 @@ CANDIDATE_SEED_STRIDE = 1000
 # 95 % (distill-2026-12-02-many-runs.md). Only students of REVERSE_KL_MIN_STEPS steps or more get it: in the full
 # recipe with it at every step count (distill-2026-12-02-reverse-kl-report.json) the 2-step
 # student kept was at 0.051 from a teacher draw, against 0.0013 without it from the same start and seeds
-# (distill-2026-12-02-report.json; from this 4-step student two of three 2-step candidates collapse with or without it,
-# at 0.18 to 0.24, and the candidates keep the third), and the 1-step one at 0.0034 against 0.0028.
+# (distill-2026-12-02-report.json), and the 1-step one at 0.0034 against 0.0028. Nor do they start from a student
+# fitted with it (distill() says why).
 REVERSE_KL_WEIGHT = 0.1
 REVERSE_KL_MIN_STEPS = 4
 REVERSE_KL_TIMES = (0.02, 0.98)

@@ -14,13 +14,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import experiment_parser, load_experiment  # noqa: E402
+from distill_quality import experiment_args, experiment_parser, load_experiment  # noqa: E402
 
 from dvp_fast.diffusion import _sigmoid  # noqa: E402
 
 
 def main():
-    model, references = load_experiment(experiment_parser(__doc__).parse_args())
+    model, references = load_experiment(experiment_args(experiment_parser(__doc__)))
     val = references["val"].u.flatten(1).double()
     prior = model.u_prior
     for name, unet, steps in (("4-step student", model.u_students["4"], 4),

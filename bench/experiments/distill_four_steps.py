@@ -21,7 +21,7 @@ import scipy.linalg
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import experiment_parser, load_experiment  # noqa: E402
+from distill_quality import experiment_args, experiment_parser, load_experiment  # noqa: E402
 
 from dvp_fast.distill import distill_one, energy_distance, student_sample, teacher_samples  # noqa: E402
 
@@ -60,7 +60,7 @@ def main():
     p.add_argument("--out", default="bench/results/distill-four-steps.json",
                    help="the results (.json, and a table beside it in .md)")
     p.add_argument("--table-only", action="store_true", help="only rewrite the .md from an existing --out")
-    args = p.parse_args()
+    args = experiment_args(p)
     if args.table_only:
         with open(args.out) as f:
             write_table(json.load(f), args.out)

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distill_quality import experiment_parser, load_experiment  # noqa: E402
+from distill_quality import experiment_args, experiment_parser, load_experiment  # noqa: E402
 from four_step_tail import runs, tail, write_table  # noqa: E402
 
 from dvp_fast.distill import (FakeScore, distill_one, energy_distance, moment_mismatch, student_sample,  # noqa: E402
@@ -105,17 +105,12 @@ def teacher_pool(prior, cache: str | None) -> torch.Tensor:
 
 
 def main():
-    p = experiment_parser(__doc__)
+    p = experiment_parser(__doc__, write_table)
     p.add_argument("--out", default="bench/results/distill-four-step-objectives.json")
     p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="the arms to fit (default: all)")
     p.add_argument("--pool-cache", default=None, help="a file to keep the teacher pool in between calls")
     p.add_argument("--save-dir", default=None, help="a folder to save each fitted student's network in")
-    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
-                   help="only write the table of these results files (their rows merged) to --out, a .md")
-    args = p.parse_args()
-    if args.table:
-        write_table(args.table, args.out)
-        return
+    args = experiment_args(p)
     model, references = load_experiment(args)
     prior = model.u_prior
     val = references["val"].u.flatten(1).double()

@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import experiment_parser, load_experiment, seeded_runs  # noqa: E402
+from distill_quality import experiment_args, experiment_parser, load_experiment, seeded_runs  # noqa: E402
 
 import dvp_fast.distill as distill_module  # noqa: E402
 from dvp_fast.diffusion import _sigmoid  # noqa: E402
@@ -99,15 +99,10 @@ def runs(sample, references) -> dict:
 
 
 def main():
-    p = experiment_parser(__doc__)
+    p = experiment_parser(__doc__, write_table)
     p.add_argument("--out", default="bench/results/distill-four-step-tail.json")
     p.add_argument("--arms", nargs="+", default=None, help="the variants to fit (default: all)")
-    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
-                   help="only write the table of these results files (their rows merged) to --out, a .md")
-    args = p.parse_args()
-    if args.table:
-        write_table(args.table, args.out)
-        return
+    args = experiment_args(p)
     model, references = load_experiment(args)
     prior = model.u_prior
     val = references["val"].u.flatten(1).double()

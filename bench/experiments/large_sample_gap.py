@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import experiment_parser, load_experiment  # noqa: E402
+from distill_quality import experiment_args, experiment_parser, load_experiment  # noqa: E402
 from sampler_quality import mean_distance  # noqa: E402
 
 from dvp_fast.distill import energy_distance  # noqa: E402
@@ -25,7 +25,7 @@ from dvp_fast.distill import energy_distance  # noqa: E402
 def main():
     p = experiment_parser(__doc__)
     p.add_argument("--n", type=int, default=8000)
-    args = p.parse_args()
+    args = experiment_args(p)
     model, refs = load_experiment(args)
     torch.manual_seed(123)
     with torch.no_grad():

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distill_quality import experiment_parser, load_experiment, seeded_runs  # noqa: E402
+from distill_quality import experiment_args, experiment_parser, load_experiment, seeded_runs  # noqa: E402
 
 from four_step_tail import tail  # noqa: E402
 
@@ -89,19 +89,14 @@ def write_table(paths: list[str], out: str) -> None:
 
 
 def main():
-    p = experiment_parser(__doc__)
+    p = experiment_parser(__doc__, write_table)
     p.add_argument("--students", nargs="*", default=[], metavar="NAME=FILE")
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--out", default="bench/results/distill-many-runs.json")
     p.add_argument("--reuse", default=None, metavar="JSON",
                    help="an earlier output of this script: its runs of samplers of the same name are taken, not drawn "
                         "again (the same seeds give the same runs)")
-    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
-                   help="only write the Markdown table of these outputs (their samplers, prefixed by file) to --out")
-    args = p.parse_args()
-    if args.table:
-        write_table(args.table, args.out)
-        return
+    args = experiment_args(p)
     model, references = load_experiment(args)
     prior = model.u_prior
     samplers = {"teacher, 50 steps": lambda n: model.sample_pseudoinputs(n, steps=50, sampler="ancestral"),

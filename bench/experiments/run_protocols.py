@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_quality import experiment_parser, load_experiment, seeded_runs  # noqa: E402
+from distill_quality import experiment_args, experiment_parser, load_experiment, seeded_runs  # noqa: E402
 
 
 def summary(runs: list[float]) -> str:
@@ -28,7 +28,7 @@ def main():
     p = experiment_parser(__doc__)
     p.add_argument("--steps", type=int, default=4, help="the student's step count")
     p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args()
+    args = experiment_args(p)
     model, refs = load_experiment(args)
     n, r = 1000, args.repeats
     for label, steps, sampler in (("teacher, 50 steps", 50, "ancestral"), (f"student, {args.steps} steps",
