@@ -255,8 +255,9 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     Students for `x_prediction_steps` predict x and start from the teacher's network; the others
     predict eps and start from the model's eps student with the next larger step count (one of this
     call's, or one the model already has: distilling an already distilled model again refines its
-    students), else from the teacher's; a student the model has for a step count in `steps` is
-    replaced. `lr` defaults to LEARNING_RATES of each one's parameterisation.
+    students), else from the teacher's; a student fitted without the reverse-KL term (below
+    REVERSE_KL_MIN_STEPS) only starts from another fitted without it. A student the model has for a step
+    count in `steps` is replaced. `lr` defaults to LEARNING_RATES of each one's parameterisation.
     With `candidates` > 1, each step count is fitted that many times (different seeds) and the
     candidate closest (energy distance) to one more fresh teacher draw, used for nothing else, is kept:
     the reported score, on the held-out draw, is then not the one it was chosen by.
