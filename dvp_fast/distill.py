@@ -76,8 +76,21 @@ CANDIDATE_SEED_STRIDE = 1000
 # fitted with it (distill() says why).
 REVERSE_KL_WEIGHT = 0.1
 REVERSE_KL_MIN_STEPS = 4
+# Optimisation steps per student, by step count (others: ITERATIONS). On the teacher trained for 3,300 steps the 4-step
+# student of 400 iterations is below the 50-step teacher's run-to-run spread on classifier confidence (mean 0.786
+# against 0.792 to 0.815), at 800 still (0.790); at 1600 it is within on confidence (0.795) and both distances to
+# held-out f(x); without the reverse-KL term 1600 iterations do not help (0.783), and at 400 neither a weight of 0.03
+# nor a start from the teacher's network does (bench/results/distill-2026-12-03-four-step-confidence.md; one fit,
+# seed 1004, each). The 8-step student is within at 400.
+ITERATIONS = 400
+ITERATIONS_BY_STEPS = {4: 1600}
 REVERSE_KL_TIMES = (0.02, 0.98)
 FAKE_LR = 3e-4
+
+
+def iterations_for(steps: int) -> int:
+    """The optimisation steps distill() gives a `steps`-step student by default."""
+    return ITERATIONS_BY_STEPS.get(steps, ITERATIONS)
 
 
 def predicts_for(steps: int, x_prediction_steps=X_PREDICTION_STEPS) -> str:
@@ -241,7 +254,7 @@ def _eps_student_above(model, steps: int, below: int | None = None) -> int | Non
     return min(above) if above else None
 
 
-def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256, lr: float | None = None,
+def distill(model, steps=(1, 2, 4), iterations: int | None = None, batch_size: int = 256, lr: float | None = None,
             teacher_n: int = TEACHER_SAMPLES, progress: bool = True, seed: int = 0,
             x_prediction_steps=X_PREDICTION_STEPS, moment_weight: float = MOMENT_WEIGHT, candidates: int = 1,
             reverse_kl_weight: float = REVERSE_KL_WEIGHT) -> dict:
@@ -251,7 +264,7 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
     count to them (`moment_weight`, `reverse_kl_weight`: see distill_one; the latter only for students of
     REVERSE_KL_MIN_STEPS steps or more, the others get 0), and scores each against min(teacher_n / 2,
     SCORE_SAMPLES) fresh teacher samples (energy distance; the same score for a second fresh teacher
-    draw is the noise floor). Returns the report.
+    draw is the noise floor). Returns the report. `iterations` per student defaults to iterations_for(k).
     Students for `x_prediction_steps` predict x and start from the teacher's network; the others
     predict eps and start from the model's eps student with the next larger step count (one of this
     call's, or one the model already has: distilling an already distilled model again refines its
@@ -295,9 +308,10 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
         below = REVERSE_KL_MIN_STEPS if reverse_kl_weight and k < REVERSE_KL_MIN_STEPS else None
         above = _eps_student_above(model, k, below) if predicts == "eps" else None
         k_reverse_kl = reverse_kl_weight if k >= REVERSE_KL_MIN_STEPS else 0.0
+        k_iterations = iterations_for(k) if iterations is None else iterations
         fit_start = time.perf_counter()
         init = None if above is None else model.u_students[str(above)]
-        fits = [distill_one(prior, k, targets, iterations, batch_size, k_lr, init, progress,
+        fits = [distill_one(prior, k, targets, k_iterations, batch_size, k_lr, init, progress,
                             seed + k + CANDIDATE_SEED_STRIDE * c, predicts, moment_weight, k_reverse_kl)
                 for c in range(candidates)]
         chosen, selection_scores = 0, None
@@ -314,7 +328,7 @@ def distill(model, steps=(1, 2, 4), iterations: int = 400, batch_size: int = 256
         model.add_student(k, student, predicts)
         report["students"][str(k)] = dict(
             energy_distance=after, teacher_at_these_steps=before, predicts=predicts, lr=k_lr,
-            started_from="teacher" if above is None else f"{above}-step student", iterations=iterations,
+            started_from="teacher" if above is None else f"{above}-step student", iterations=k_iterations,
             teacher_samples=teacher_n, moment_weight=moment_weight, reverse_kl_weight=k_reverse_kl,
             candidates=candidates,
             final_loss=sum(losses[-20:]) / len(losses[-20:]), seconds=round(time.perf_counter() - fit_start, 1))

@@ -9,7 +9,8 @@ import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli import OneLineParser, _device, _non_negative, _positive, _run
-from .distill import MOMENT_WEIGHT, REVERSE_KL_MIN_STEPS, REVERSE_KL_WEIGHT, TEACHER_SAMPLES, distill
+from .distill import (ITERATIONS, ITERATIONS_BY_STEPS, MOMENT_WEIGHT, REVERSE_KL_MIN_STEPS, REVERSE_KL_WEIGHT,
+                      TEACHER_SAMPLES, distill)
 from .model import DVPVAE
 
 
@@ -62,7 +63,9 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="run folder (uses best.pt) or a .pt file")
     p.add_argument("--steps", type=_positive(int), nargs="+", default=[1, 2, 4], help="step counts to distil")
     p.add_argument("--out", default=None, help="checkpoint to write (default: distilled.pt beside the source)")
-    p.add_argument("--iterations", type=_positive(int), default=400, help="optimisation steps per student")
+    p.add_argument("--iterations", type=_positive(int), default=None,
+                   help=f"optimisation steps per student (default: {ITERATIONS}, for 4-step students "
+                        f"{ITERATIONS_BY_STEPS[4]})")
     p.add_argument("--batch-size", type=_positive(int), default=256)
     p.add_argument("--lr", type=_positive(float), default=None,
                    help="learning rate (default: 3e-4 for students predicting eps, 1e-3 for x)")

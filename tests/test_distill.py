@@ -292,6 +292,23 @@ def test_with_candidates_the_student_kept_is_the_one_closest_to_a_separate_teach
         distill(model, steps=(2,), candidates=0)
 
 
+def test_by_default_the_4_step_student_is_fitted_longer_and_an_explicit_count_applies_to_all(monkeypatch):
+    import dvp_fast.distill as distill_module
+
+    asked, real_distill_one = {}, distill_module.distill_one
+
+    def recorded(prior, steps, targets, iterations, *rest):
+        asked[steps] = iterations
+        return real_distill_one(prior, steps, targets, 1, *rest)  # one iteration: only the count asked is tested
+
+    monkeypatch.setattr(distill_module, "distill_one", recorded)
+    report = distill(small_model(), steps=(2, 4, 8), batch_size=32, teacher_n=64, progress=False)
+    assert asked == {8: 400, 4: 1600, 2: 400}
+    assert {k: r["iterations"] for k, r in report["students"].items()} == {"8": 400, "4": 1600, "2": 400}
+    distill(small_model(), steps=(2, 4), iterations=7, batch_size=32, teacher_n=64, progress=False)
+    assert asked == {8: 400, 4: 7, 2: 7}
+
+
 def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path, capsys):
     from dvp_fast.cli import sample_main
     from dvp_fast.distill_cli import distill_main
