@@ -76,6 +76,8 @@ CANDIDATE_SEED_STRIDE = 1000
 # fitted with it (distill() says why).
 REVERSE_KL_WEIGHT = 0.1
 REVERSE_KL_MIN_STEPS = 4
+REVERSE_KL_TIMES = (0.02, 0.98)
+FAKE_LR = 3e-4
 # Optimisation steps per student, by step count (others: ITERATIONS). On the teacher trained for 3,300 steps the 4-step
 # student of 400 iterations is below the 50-step teacher's run-to-run spread on classifier confidence (mean 0.786
 # against 0.792 to 0.815), at 800 still (0.790); at 1600 it is within on confidence (0.795) and both distances to
@@ -84,8 +86,6 @@ REVERSE_KL_MIN_STEPS = 4
 # seed 1004, each). The 8-step student is within at 400.
 ITERATIONS = 400
 ITERATIONS_BY_STEPS = {4: 1600}
-REVERSE_KL_TIMES = (0.02, 0.98)
-FAKE_LR = 3e-4
 
 
 def iterations_for(steps: int) -> int:
@@ -193,7 +193,7 @@ def teacher_samples(prior: DiffusionPrior, n: int, steps: int = TEACHER_STEPS, b
                       for i in range(0, n, batch)])
 
 
-def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterations: int = 400,
+def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterations: int = ITERATIONS,
                 batch_size: int = 256, lr: float = 3e-4, init: torch.nn.Module | None = None,
                 progress: bool = False, seed: int = 0, predicts: str = "eps",
                 moment_weight: float = MOMENT_WEIGHT,
