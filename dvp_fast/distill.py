@@ -83,7 +83,9 @@ FAKE_LR = 3e-4
 # against 0.792 to 0.815), at 800 still (0.790); at 1600 it is within on confidence (0.795) and both distances to
 # held-out f(x); without the reverse-KL term 1600 iterations do not help (0.783), and at 400 neither a weight of 0.03
 # nor a start from the teacher's network does (bench/results/distill-2026-12-03-four-step-confidence.md; one fit,
-# seed 1004, each). The 8-step student is within at 400.
+# seed 1004, each). Not by every seed: the candidate dvp-distill --candidates 3 keeps at 1600 (seed 2004) is 0.0003
+# below on confidence, and at 3200 seed 2004 misses test f(x) by 0.00003 (distill-2026-12-03-four-step-3200.md).
+# The 8-step student is within at 400.
 ITERATIONS = 400
 ITERATIONS_BY_STEPS = {4: 1600}
 

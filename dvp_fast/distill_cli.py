@@ -64,8 +64,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=_positive(int), nargs="+", default=[1, 2, 4], help="step counts to distil")
     p.add_argument("--out", default=None, help="checkpoint to write (default: distilled.pt beside the source)")
     p.add_argument("--iterations", type=_positive(int), default=None,
-                   help=f"optimisation steps per student (default: {ITERATIONS}, for 4-step students "
-                        f"{ITERATIONS_BY_STEPS[4]})")
+                   help=f"optimisation steps per student (default: {ITERATIONS}; "
+                        + ", ".join(f"{k}-step students {n}" for k, n in sorted(ITERATIONS_BY_STEPS.items())) + ")")
     p.add_argument("--batch-size", type=_positive(int), default=256)
     p.add_argument("--lr", type=_positive(float), default=None,
                    help="learning rate (default: 3e-4 for students predicting eps, 1e-3 for x)")
