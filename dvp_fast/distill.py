@@ -88,6 +88,7 @@ FAKE_LR = 3e-4
 # The 8-step student is within at 400.
 ITERATIONS = 400
 ITERATIONS_BY_STEPS = {4: 1600}
+WHITEN = False
 
 
 def iterations_for(steps: int) -> int:
@@ -125,6 +126,24 @@ def moment_mismatch(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> t
     mean_a, mean_b = a.mean(0) - mean, b.mean(0) - mean
     cov_a, cov_b = torch.cov(a.T) - cov, torch.cov(b.T) - cov
     return (mean_a * mean_b).sum() + (cov_a * cov_b).sum()
+
+
+class Whitening:
+    """The affine map u -> (u - mean) C^{-1/2} (ZCA) of a sample set's mean and covariance, eigenvalues floored at
+    `floor` times the largest: in its coordinates every direction of the targets has unit variance, so that the
+    energy distance and the moment term weigh a low-variance direction as much as a high-variance one (in u the
+    leading directions dominate both)."""
+
+    def __init__(self, targets: torch.Tensor, floor: float = 1e-6):
+        flat = targets.flatten(1).double()
+        self.mean = flat.mean(0)
+        values, vectors = torch.linalg.eigh(torch.cov(flat.T))
+        values = values.clamp_min(floor * values.max())
+        self.matrix = (vectors * values.rsqrt()) @ vectors.T
+        self.mean, self.matrix = self.mean.float(), self.matrix.float()
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return (u.flatten(1).float() - self.mean) @ self.matrix
 
 
 def student_sample(prior: DiffusionPrior, unet: torch.nn.Module, n: int, steps: int,
@@ -198,8 +217,8 @@ def teacher_samples(prior: DiffusionPrior, n: int, steps: int = TEACHER_STEPS, b
 def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterations: int = ITERATIONS,
                 batch_size: int = 256, lr: float = 3e-4, init: torch.nn.Module | None = None,
                 progress: bool = False, seed: int = 0, predicts: str = "eps",
-                moment_weight: float = MOMENT_WEIGHT,
-                reverse_kl_weight: float = REVERSE_KL_WEIGHT) -> tuple[torch.nn.Module, list[float]]:
+                moment_weight: float = MOMENT_WEIGHT, reverse_kl_weight: float = REVERSE_KL_WEIGHT,
+                whiten: bool = WHITEN) -> tuple[torch.nn.Module, list[float]]:
     """A `steps`-step student network (predicting eps or x) fitted to `targets` (teacher samples);
     returns it and its losses.
 
@@ -207,7 +226,9 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
     samples and a batch of targets, plus `moment_weight` times `moment_mismatch` against the mean and
     covariance of all the targets, plus `reverse_kl_weight` times FakeScore's reverse-KL term (its draws from
     their own generator, so that the rest draws as without it; the losses returned leave it out: its value is
-    zero); the student initialised from `init` (default: the teacher's eps-network).
+    zero); the student initialised from `init` (default: the teacher's eps-network). With `whiten`, the energy
+    distance and the moment term are taken in the targets' whitened coordinates (Whitening); the reverse-KL term
+    stays in u.
     """
     if targets.shape[0] < 2 * batch_size:
         raise ValueError(f"distillation needs at least {2 * batch_size} teacher samples for batch {batch_size}, "
@@ -220,7 +241,8 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
     # Cosine decay to zero: the energy-distance gradient of a batch is noisy, the last iterate settles.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
     generator = torch.Generator(device=targets.device).manual_seed(seed)
-    flat = targets.flatten(1).float()
+    coordinates = Whitening(targets) if whiten else (lambda u: u.flatten(1).float())
+    flat = coordinates(targets)
     target_mean, target_cov = flat.mean(0), torch.cov(flat.T)
     fake = FakeScore(prior, torch.Generator(device=targets.device).manual_seed(seed + 1)) if reverse_kl_weight else None
     losses = []
@@ -231,9 +253,10 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
         for _ in range(iterations):
             rows = torch.randint(0, targets.shape[0], (batch_size,), device=targets.device, generator=generator)
             u = student_sample(prior, student, batch_size, steps, generator, predicts)
-            loss = energy_distance(u, targets[rows])
+            v = coordinates(u)
+            loss = energy_distance(v, flat[rows])
             if moment_weight:
-                loss = loss + moment_weight * moment_mismatch(u, target_mean, target_cov)
+                loss = loss + moment_weight * moment_mismatch(v, target_mean, target_cov)
             losses.append(float(loss.detach()))
             if fake is not None:
                 loss = loss + reverse_kl_weight * fake.term(u)

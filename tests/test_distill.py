@@ -17,8 +17,8 @@ from torch import nn
 
 from dvp_fast import DVPVAE
 from dvp_fast.diffusion import DiffusionPrior
-from dvp_fast.distill import (FakeScore, distill, distill_one, energy_distance, moment_mismatch, student_sample,
-                              teacher_samples)
+from dvp_fast.distill import (FakeScore, Whitening, distill, distill_one, energy_distance, moment_mismatch,
+                              student_sample, teacher_samples)
 
 MU, S = 0.3, 0.2
 GAMMA_MIN, GAMMA_MAX = -6.0, 7.0  # the mnist preset's schedule
@@ -79,6 +79,32 @@ def test_the_moment_term_estimates_the_squared_moment_gaps_without_bias():
         assert sum(draws) / len(draws) == pytest.approx(expected, abs=0.02), expected
     with pytest.raises(ValueError, match="at least 4 rows"):
         moment_mismatch(torch.zeros(3, 2), torch.zeros(2), torch.eye(2))
+
+
+def test_whitening_gives_the_targets_unit_covariance_and_makes_the_energy_distance_affine_invariant():
+    # Targets N(m, C) with variances from 4 to 0.0004 (a direction the plain energy distance barely sees), C
+    # written here through a random rotation. In the whitened coordinates their sample mean is 0 and their
+    # sample covariance I (float64 check); and the whitened energy distance between x and y is the same as
+    # between A x + b and A y + b whitened on A y + b, for any invertible A (which a map built from C^{-1}, or
+    # one that forgot the mean, does not give).
+    generator = torch.Generator().manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))[0]
+    scales = torch.tensor([2.0, 1.0, 0.3, 0.1, 0.02], dtype=torch.float64)
+    y = (torch.randn(3000, 5, generator=generator, dtype=torch.float64) * scales @ rotation.T + 0.7).float()
+    white = Whitening(y)(y).double()
+    assert white.mean(0).abs().max() < 1e-4
+    assert torch.allclose(torch.cov(white.T), torch.eye(5, dtype=torch.float64), atol=1e-3)
+    # x: the targets with their smallest direction stretched 1.5 times
+    x = (torch.randn(3000, 5, generator=generator, dtype=torch.float64) * scales * torch.tensor(
+        [1.0, 1.0, 1.0, 1.0, 1.5], dtype=torch.float64) @ rotation.T + 0.7).float()
+    a = torch.randn(5, 5, generator=generator) + 3 * torch.eye(5)
+    b = torch.randn(5, generator=generator)
+    base, moved = Whitening(y), Whitening(y @ a.T + b)
+    whitened = float(energy_distance(base(x), base(y)))
+    assert float(energy_distance(moved(x @ a.T + b), moved(y @ a.T + b))) == pytest.approx(whitened, rel=1e-3)
+    # The stretch is plain in whitened coordinates and all but invisible in the raw ones.
+    raw = float(energy_distance(x, y))
+    assert whitened > 0.01 and raw < 0.1 * whitened, (whitened, raw)
 
 
 def test_the_reverse_kl_term_descends_the_closed_form_kl_and_vanishes_at_the_teacher():
