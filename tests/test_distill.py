@@ -17,8 +17,8 @@ from torch import nn
 
 from dvp_fast import DVPVAE
 from dvp_fast.diffusion import DiffusionPrior
-from dvp_fast.distill import (FakeScore, Whitening, distill, distill_one, energy_distance, moment_mismatch,
-                              student_sample, teacher_samples)
+from dvp_fast.distill import (FakeScore, Whitening, distill, distill_one, energy_distance, gaussian_mmd,
+                              median_distance, moment_mismatch, student_sample, teacher_samples)
 
 MU, S = 0.3, 0.2
 GAMMA_MIN, GAMMA_MAX = -6.0, 7.0  # the mnist preset's schedule
@@ -105,6 +105,32 @@ def test_whitening_gives_the_targets_unit_covariance_and_makes_the_energy_distan
     # The stretch is plain in whitened coordinates and all but invisible in the raw ones.
     raw = float(energy_distance(x, y))
     assert whitened > 0.01 and raw < 0.1 * whitened, (whitened, raw)
+
+
+def test_the_gaussian_mmd_matches_its_closed_form_between_gaussians():
+    # X ~ N(0, s1^2 I), Y ~ N(m, s2^2 I) in D = 3, kernel exp(-|a - b|^2 / (2 h^2)): E k(X, Y) is
+    # (h^2 / (h^2 + s1^2 + s2^2))^(D/2) exp(-|m|^2 / (2 (h^2 + s1^2 + s2^2))), written here in float64; the
+    # estimate (unbiased, summed over the bandwidths) averages to it, and to 0 for equal distributions.
+    d, s1, s2, shift, bandwidths = 3, 1.0, 0.7, 0.5, (0.5, 2.0)
+
+    def expected_k(v, m2):
+        return sum((h * h / (h * h + v)) ** (d / 2) * math.exp(-m2 / (2 * (h * h + v))) for h in bandwidths)
+
+    expected = (expected_k(2 * s1 ** 2, 0.0) + expected_k(2 * s2 ** 2, 0.0)
+                - 2 * expected_k(s1 ** 2 + s2 ** 2, shift ** 2))
+    generator = torch.Generator().manual_seed(0)
+    offset = torch.tensor([shift, 0.0, 0.0])
+    draws = [float(gaussian_mmd(s1 * torch.randn(500, d, generator=generator),
+                                offset + s2 * torch.randn(500, d, generator=generator), bandwidths)) for _ in range(40)]
+    assert sum(draws) / len(draws) == pytest.approx(expected, rel=0.03), expected
+    same = [float(gaussian_mmd(torch.randn(500, d, generator=generator), torch.randn(500, d, generator=generator),
+                               bandwidths)) for _ in range(40)]
+    assert abs(sum(same) / len(same)) < 0.03 * expected
+    # the median distance of N(0, I) in D = 3: sqrt(2) times the median of a chi with 3 degrees of freedom
+    assert median_distance(torch.randn(2000, d, generator=generator)) == pytest.approx(
+        math.sqrt(2 * 2.3660), rel=0.03)  # chi-square(3) median 2.3660
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        gaussian_mmd(torch.zeros(1, 2), torch.zeros(3, 2), (1.0,))
 
 
 def test_the_reverse_kl_term_descends_the_closed_form_kl_and_vanishes_at_the_teacher():

@@ -14,7 +14,9 @@ replacement) where the sampler's mean lies within the teacher's range (for the t
 random sets of 10 of its runs: the rate at which a sampler exactly as good passes). `--reuse` takes the runs of
 an earlier call's samplers of the same name (the same seeds draw the same runs) where its teacher's weights are
 the same. Also four_step_tail.py's distances of 10,000 samples (torch.manual_seed(7)) to their nearest validation
-f(x).
+f(x). With `--confidence`, each run's pseudo-inputs are also decoded (after them, under the same seed, as
+distill_quality.py's `measure` does, so that seeds 1 to 10 give its runs) and scored on the fixed classifier's
+confidence, with its pass rate beside the distances'.
 """
 import json
 import os
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distill_quality import experiment_args, experiment_parser, load_experiment, seeded_runs  # noqa: E402
+from distill_quality import CLASSIFIER, classify, experiment_args, experiment_parser, load_experiment  # noqa: E402
 
 from four_step_tail import tail  # noqa: E402
 
@@ -34,6 +36,23 @@ from dvp_fast.distill import student_sample  # noqa: E402
 
 PAIRS = 10000
 GROUP = 10
+MEASURES = {"val": "to val f(x)", "test": "to test f(x)", "confidence": "confidence"}
+
+
+def scored_runs(sample, seeds, references, decode=None, classifier=None, n: int = 1000) -> dict:
+    """Per seed, after torch.manual_seed(seed): n pseudo-inputs u = sample(n), their energy distances to each
+    reference and, with `decode` (then after u, under the same seed), the classifier's confidence on decode(u)."""
+    scores = {split: [] for split in references}
+    if decode is not None:
+        scores["confidence"] = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        u = sample(n)
+        for split, reference in references.items():
+            scores[split].append(reference.energy_distance(u))
+        if decode is not None:
+            scores["confidence"].append(classify(classifier, decode(u))["confidence"])
+    return scores
 
 
 def pass_rate(runs: list[float], teacher: list[float], same: bool, rng: random.Random) -> float:
@@ -57,15 +76,17 @@ def summary(values: list[float]) -> dict:
 def table(results: dict, scores: dict) -> list[str]:
     """Markdown: per sampler and split, the mean of the runs, the central 90 % of them, the mean of seeds 1 to 10
     (distill_quality.py's runs) and the pass rate; then the nearest-neighbour tail."""
-    lines = ["| sampler | to val f(x): mean (sd) | 5 to 95 % of runs | seeds 1-10 | passes | to test f(x): mean (sd) | "
-             "5 to 95 % | seeds 1-10 | passes | nearest val f(x): 99.9 % | max | beyond 1.5, of 10,000 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    measured = [key for key in MEASURES if all(key in r for r in results.values())]
+    header = "| sampler | " + " | ".join(f"{MEASURES[key]}: mean (sd) | 5 to 95 % of runs | seeds 1-10 | passes"
+                                        for key in measured)
+    lines = [header + " | nearest val f(x): 99.9 % | max | beyond 1.5, of 10,000 |",
+             "|---|" + "---|---|---|---|" * len(measured) + "---|---|---|"]
     for name, r in results.items():
         cells = []
-        for split in ("val", "test"):
-            got = r[split]
-            cells += [f"{got['mean']:.5f} ({got['sd']:.5f})", f"{got['q05']:.4f} to {got['q95']:.4f}",
-                      f"{statistics.mean(scores[name][split][:GROUP]):.4f}", f"{100 * got['pass_rate']:.0f} %"]
+        for key in measured:
+            got, d = r[key], 3 if key == "confidence" else 4
+            cells += [f"{got['mean']:.{d + 1}f} ({got['sd']:.{d + 1}f})", f"{got['q05']:.{d}f} to {got['q95']:.{d}f}",
+                      f"{statistics.mean(scores[name][key][:GROUP]):.{d}f}", f"{100 * got['pass_rate']:.0f} %"]
         t = r["tail"]
         cells += [f"{t['nn_quantiles'][-1]:.2f}", f"{t['nn_max']:.2f}", str(t["beyond_1_5"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -96,6 +117,8 @@ def main():
     p.add_argument("--reuse", default=None, metavar="JSON",
                    help="an earlier output of this script: its runs of samplers of the same name are taken, not drawn "
                         "again (the same seeds give the same runs)")
+    p.add_argument("--confidence", action="store_true",
+                   help="also decode each run and score the fixed classifier's confidence (slower)")
     args = experiment_args(p)
     model, references = load_experiment(args)
     prior = model.u_prior
@@ -114,15 +137,18 @@ def main():
             earlier = json.load(f)
         if earlier.get("teacher_fingerprint") != fingerprint or earlier["runs"] != args.runs:
             raise SystemExit(f"--reuse {args.reuse}: made with another teacher or another number of runs")
-        # The checkpoint's own student is the same only for the same checkpoint file.
+        # The checkpoint's own student is the same only for the same checkpoint file (and its decoder too, with
+        # --confidence); an earlier call without --confidence has no confidences to give.
         scores = {name: got for name, got in earlier["scores"].items() if name in samplers and (
-            earlier["checkpoint"] == args.checkpoint or not name.startswith("checkpoint's"))}
+            earlier["checkpoint"] == args.checkpoint or not (name.startswith("checkpoint's") or args.confidence))
+            and ("confidence" in got or not args.confidence)}
+    classifier = torch.load(CLASSIFIER, weights_only=True) if args.confidence else None
+    decode = (lambda u: model._decode(u, 1.0, u.shape[0])) if args.confidence else None
     with torch.no_grad():
         for name, sample in samplers.items():
             if name in scores:
                 continue
-            draws = seeded_runs(sample, range(1, args.runs + 1))
-            scores[name] = {split: [references[split].energy_distance(u) for u in draws] for split in ("val", "test")}
+            scores[name] = scored_runs(sample, range(1, args.runs + 1), references, decode, classifier)
             print(name, "done", flush=True)
     teacher = scores["teacher, 50 steps"]
     val = references["val"].u.flatten(1).double()
