@@ -9,8 +9,8 @@ import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli import OneLineParser, _device, _non_negative, _positive, _run
-from .distill import (ITERATIONS, ITERATIONS_BY_STEPS, MOMENT_WEIGHT, REVERSE_KL_MIN_STEPS, REVERSE_KL_WEIGHT,
-                      TEACHER_SAMPLES, distill)
+from .distill import (FAKE_UPDATES, FAKE_UPDATES_BY_STEPS, ITERATIONS, ITERATIONS_BY_STEPS, MOMENT_WEIGHT,
+                      REVERSE_KL_MIN_STEPS, REVERSE_KL_WEIGHT, REVERSE_KL_WEIGHT_BY_STEPS, TEACHER_SAMPLES, distill)
 from .model import DVPVAE
 
 
@@ -24,7 +24,7 @@ def run_distill(args) -> None:
     report = distill(model, steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                      teacher_n=args.teacher_samples, progress=not args.no_progress, seed=args.seed,
                      moment_weight=args.moment_weight, candidates=args.candidates,
-                     reverse_kl_weight=args.reverse_kl_weight)
+                     reverse_kl_weight=args.reverse_kl_weight, fake_updates=args.fake_updates)
     # A checkpoint like dvp-train's best.pt, with the students in its weights and configuration; the
     # report keeps the entries of the source's students that this run left as they were, each with the
     # settings it was fitted with (reports from before the moment term or the reverse-KL term had none:
@@ -57,6 +57,10 @@ def _chosen(entry: dict) -> str:
     return f"; kept candidate {entry['chosen_candidate']} of {len(entry['candidate_energy_distances'])} ({scores})"
 
 
+def _by_steps(values: dict) -> str:
+    return ", ".join(f"{k}-step students {v}" for k, v in sorted(values.items()))
+
+
 def distill_main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="dvp-distill", description="Distil a trained model's diffusion prior into few-step "
                                                       "samplers (1, 2 or 4 steps, say).")
@@ -64,8 +68,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=_positive(int), nargs="+", default=[1, 2, 4], help="step counts to distil")
     p.add_argument("--out", default=None, help="checkpoint to write (default: distilled.pt beside the source)")
     p.add_argument("--iterations", type=_positive(int), default=None,
-                   help=f"optimisation steps per student (default: {ITERATIONS}; "
-                        + ", ".join(f"{k}-step students {n}" for k, n in sorted(ITERATIONS_BY_STEPS.items())) + ")")
+                   help=f"optimisation steps per student (default: {ITERATIONS}, " + _by_steps(ITERATIONS_BY_STEPS)
+                        + ")")
     p.add_argument("--batch-size", type=_positive(int), default=256)
     p.add_argument("--lr", type=_positive(float), default=None,
                    help="learning rate (default: 3e-4 for students predicting eps, 1e-3 for x)")
@@ -73,9 +77,13 @@ def distill_main(argv: list[str] | None = None) -> int:
                    help="samples of the 50-step teacher to fit the students to")
     p.add_argument("--moment-weight", type=_non_negative(float), default=MOMENT_WEIGHT,
                    help="weight of the mean-and-covariance term beside the energy distance (0: none)")
-    p.add_argument("--reverse-kl-weight", type=_non_negative(float), default=REVERSE_KL_WEIGHT,
+    p.add_argument("--reverse-kl-weight", type=_non_negative(float), default=None,
                    help="weight of the reverse-KL (distribution matching) term beside the energy distance, for "
-                        f"students of {REVERSE_KL_MIN_STEPS} steps or more (0: none)")
+                        f"students of {REVERSE_KL_MIN_STEPS} steps or more (0: none; default: {REVERSE_KL_WEIGHT}, "
+                        + _by_steps(REVERSE_KL_WEIGHT_BY_STEPS) + ")")
+    p.add_argument("--fake-updates", type=_positive(int), default=None,
+                   help=f"Adam steps of the reverse-KL term's fake score per student step (default: {FAKE_UPDATES}, "
+                        + _by_steps(FAKE_UPDATES_BY_STEPS) + ")")
     p.add_argument("--candidates", type=_positive(int), default=1,
                    help="students fitted per step count (other seeds); the one closest to a further teacher "
                         "draw is kept")

@@ -269,10 +269,10 @@ def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
     assert report["students"]["1"]["predicts"] == "x" and report["students"]["2"]["predicts"] == "eps"
     # The reverse-KL term only from 4 steps on (distill.REVERSE_KL_MIN_STEPS), and a student without it never
     # starts from one with it.
-    assert report["reverse_kl_weight"] == 0.1 and report["students"]["2"]["reverse_kl_weight"] == 0.0
+    assert report["reverse_kl_weight"] is None and report["students"]["2"]["reverse_kl_weight"] == 0.0
     four = small_model()
     both = distill(four, steps=(2, 4), iterations=2, batch_size=32, teacher_n=64, progress=False)
-    assert both["students"]["4"]["reverse_kl_weight"] == 0.1 and both["students"]["2"]["started_from"] == "teacher"
+    assert both["students"]["4"]["reverse_kl_weight"] == 0.3 and both["students"]["2"]["started_from"] == "teacher"
     assert model.sampler_for(2) == "student" and model.sampler_for(4) == "ancestral"
     assert model.sampler_for(2, "ddim") == "ddim"
     with pytest.raises(ValueError, match=r"no distilled student for 4 steps \(this model has students for \[1, 2\]"):
@@ -319,9 +319,9 @@ def test_with_candidates_the_student_kept_is_the_one_closest_to_a_separate_teach
     fitted, real_distill_one = {}, distill_module.distill_one
 
     def planted(prior, steps, targets, iterations, batch_size, lr, init, progress, seed, predicts, moment_weight,
-                reverse_kl_weight):
+                reverse_kl_weight, **options):
         student, losses = real_distill_one(prior, steps, targets, iterations, batch_size, lr, init, progress, seed,
-                                           predicts, moment_weight, reverse_kl_weight)
+                                           predicts, moment_weight, reverse_kl_weight, **options)
         candidate = (seed - steps) // distill_module.CANDIDATE_SEED_STRIDE
         if candidate != 1:  # planted far from the teacher: first and last, so neither "first" nor "last" passes
             with torch.no_grad():
@@ -344,21 +344,24 @@ def test_with_candidates_the_student_kept_is_the_one_closest_to_a_separate_teach
         distill(model, steps=(2,), candidates=0)
 
 
-def test_by_default_the_4_step_student_is_fitted_longer_and_an_explicit_count_applies_to_all(monkeypatch):
+def test_by_default_the_4_step_student_has_its_own_recipe_and_explicit_settings_apply_to_all(monkeypatch):
     import dvp_fast.distill as distill_module
 
     asked, real_distill_one = {}, distill_module.distill_one
 
-    def recorded(prior, steps, targets, iterations, *rest):
-        asked[steps] = iterations
-        return real_distill_one(prior, steps, targets, 1, *rest)  # one iteration: only the count asked is tested
+    def recorded(prior, steps, targets, iterations, *rest, **options):
+        asked[steps] = (iterations, rest[-1], options["fake_updates"])  # rest[-1]: the reverse-KL weight
+        return real_distill_one(prior, steps, targets, 1, *rest, **options)  # one iteration: only what is asked
 
     monkeypatch.setattr(distill_module, "distill_one", recorded)
     report = distill(small_model(), steps=(2, 4, 8), batch_size=32, teacher_n=64, progress=False)
-    assert asked == {8: 400, 4: 1600, 2: 400}
-    assert {k: r["iterations"] for k, r in report["students"].items()} == {"8": 400, "4": 1600, "2": 400}
-    distill(small_model(), steps=(2, 4), iterations=7, batch_size=32, teacher_n=64, progress=False)
-    assert asked == {8: 400, 4: 7, 2: 7}
+    # the 4-step student: longer, with the reverse-KL term at 0.3 and 5 fake-score updates a step
+    assert asked == {8: (400, 0.1, 1), 4: (1600, 0.3, 5), 2: (400, 0.0, 1)}
+    assert {k: (r["iterations"], r["reverse_kl_weight"], r["fake_updates"]) for k, r in report["students"].items()} \
+        == {"8": (400, 0.1, 1), "4": (1600, 0.3, 5), "2": (400, 0.0, 1)}
+    distill(small_model(), steps=(2, 4, 8), iterations=7, reverse_kl_weight=0.05, fake_updates=2, batch_size=32,
+            teacher_n=64, progress=False)
+    assert asked == {8: (7, 0.05, 2), 4: (7, 0.05, 2), 2: (7, 0.0, 1)}  # never a reverse-KL term below 4 steps
 
 
 def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path, capsys):
