@@ -61,6 +61,8 @@ ARMS = {  # name: distill_one's arguments that differ from the recipe's, plus "p
     # fake score tracking the student (5 updates a step), a larger weight
     "reverse-KL weight 0.3, 5 fake-score updates per step, 1600 iterations": dict(
         reverse_kl_weight=0.3, fake_updates=5, iterations=1600),
+    "reverse-KL weight 0.3, 5 fake-score updates per step, seed 2004, 1600 iterations": dict(
+        reverse_kl_weight=0.3, fake_updates=5, seed=2004, iterations=1600),
 }
 RECIPE = dict(iterations=400, reverse_kl_weight=0.1, moment_weight=1.0, pool=16384, init="8-step student",
               seed=FIT_SEED, whiten=False, fake_updates=1, lr=3e-4, mmd_weight=0.0)

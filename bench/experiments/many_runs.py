@@ -120,6 +120,9 @@ def main():
     p.add_argument("--confidence", action="store_true",
                    help="also decode each run and score the fixed classifier's confidence (slower)")
     args = experiment_args(p)
+    if args.runs < 2 * GROUP:
+        p.error(f"--runs must be at least {2 * GROUP} (the teacher's pass rate draws two disjoint groups of {GROUP}), "
+                f"got {args.runs}")
     model, references = load_experiment(args)
     prior = model.u_prior
     samplers = {"teacher, 50 steps": lambda n: model.sample_pseudoinputs(n, steps=50, sampler="ancestral"),
