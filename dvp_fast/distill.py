@@ -298,7 +298,9 @@ def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterat
     coordinates = Whitening(targets) if whiten else (lambda u: u.flatten(1).float())
     flat = coordinates(targets)
     target_mean, target_cov = flat.mean(0), torch.cov(flat.T)
-    bandwidths = [f * median_distance(targets) for f in MMD_BANDWIDTHS]
+    if mmd_weight:
+        median = median_distance(targets)
+        bandwidths = [f * median for f in MMD_BANDWIDTHS]
     fake = FakeScore(prior, torch.Generator(device=targets.device).manual_seed(seed + 1)) if reverse_kl_weight else None
     losses = []
     from tqdm import tqdm

@@ -40,21 +40,20 @@ MMD_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 
 def class_split(model, classifier, sampler, steps):
-    """Class shares and per-class confidence of 5 runs of 1,000 (seeds 1 to 5), and the u drawn."""
-    us, probs = [], []
+    """Class shares and per-class confidence of 5 runs of 1,000 (seeds 1 to 5)."""
+    probs = []
     for seed in range(1, 6):
         torch.manual_seed(seed)
         u = model.sample_pseudoinputs(1000, steps=steps, sampler=sampler)
         images = model._decode(u, 1.0, 1000)
         x = ((images.float() + 1) / 2).flatten(1)
-        us.append(u)
         probs.append(torch.softmax(x @ classifier["w"] + classifier["b"], 1))
     p = torch.cat(probs).double()
     cls, conf = p.argmax(1), p.max(1).values
     shares = torch.bincount(cls, minlength=10).double() / len(cls)
     per_class = torch.stack([conf[cls == c].mean() for c in range(10)])
-    return torch.cat(us), dict(confidence=float(conf.mean()), shares=shares.tolist(), per_class=per_class.tolist(),
-                               below_half=float((conf < 0.5).double().mean()))
+    return dict(confidence=float(conf.mean()), shares=shares.tolist(), per_class=per_class.tolist(),
+                below_half=float((conf < 0.5).double().mean()))
 
 
 def u_classifier(model, data_dir):
@@ -99,8 +98,8 @@ def main():
                 measured[name.removeprefix("4-step student, ").replace(" ", "_").replace(",", "")] = \
                     r["summary"]["confidence"]["mean"]
     with torch.no_grad():
-        _, teacher = class_split(model, classifier, "ancestral", 50)
-        _, student = class_split(model, classifier, "student", 4)
+        teacher = class_split(model, classifier, "ancestral", 50)
+        student = class_split(model, classifier, "student", 4)
         mix = sum((s - t) * c for s, t, c in zip(student["shares"], teacher["shares"], teacher["per_class"]))
         within = sum(s * (c - d) for s, c, d in zip(student["shares"], student["per_class"], teacher["per_class"]))
         torch.manual_seed(12345)
@@ -116,9 +115,9 @@ def main():
             net = copy.deepcopy(model.u_students["4"])
             net.load_state_dict(torch.load(path, weights_only=True))
             torch.manual_seed(7)
-            rows[os.path.basename(path)[:-3]] = u_measures(student_sample(prior, net, N, 4), ref, whitening, eigen,
-                                                          bandwidths, uclf)
-            print(os.path.basename(path), rows[os.path.basename(path)[:-3]], flush=True)
+            name = os.path.basename(path)[:-3]
+            rows[name] = u_measures(student_sample(prior, net, N, 4), ref, whitening, eigen, bandwidths, uclf)
+            print(name, rows[name], flush=True)
         torch.manual_seed(7)
         rows["the checkpoint's 4-step student"] = u_measures(student_sample(prior, model.u_students["4"], N, 4), ref,
                                                              whitening, eigen, bandwidths, uclf)
