@@ -294,10 +294,10 @@ at::Tensor scale_rows(const at::Tensor& grad_out_in, const at::Tensor& g, at::Sc
   return out;
 }
 
-// One sample per pixel: Gumbel-max over the logits with u_mix (B, M, H, W), then a logistic
-// draw per colour with u_logistic (B, 3, H, W) (both uniform, float32, from torch's generator),
-// coupled R -> G -> B, clamped to [-1, 1] and rounded to the 256 levels. Scalar libm math: this
-// mirrors the reference step by step and is not a hot path.
+// One sample per pixel: Gumbel-max over the logits with u_mix (B, M, H, W) (at temperature 0 the
+// largest logit, u_mix unread), then a logistic draw per colour with u_logistic (B, 3, H, W) (both
+// uniform, float32, from torch's generator), coupled R -> G -> B, clamped to [-1, 1] and rounded to
+// the 256 levels. Scalar libm math: this mirrors the reference step by step and is not a hot path.
 at::Tensor dml_sample(const at::Tensor& params_in, const at::Tensor& u_mix_in, const at::Tensor& u_log_in,
                       double temperature, int64_t num_mix) {
   const at::Tensor params = params_in.contiguous();
@@ -319,7 +319,8 @@ at::Tensor dml_sample(const at::Tensor& params_in, const at::Tensor& u_mix_in, c
         int64_t best = 0;
         float best_score = -INFINITY;
         for (int64_t m = 0; m < M; ++m) {  // first maximum wins, as torch.argmax
-          const float score = at_ch(m) - std::log(-std::log(unit(um[(b * M + m) * P + p])));
+          const float gumbel = temp > 0.0f ? -std::log(-std::log(unit(um[(b * M + m) * P + p]))) : 0.0f;
+          const float score = at_ch(m) + gumbel;  // temperature 0: the most probable component
           if (score > best_score || m == 0) best = m, best_score = score;
         }
         float v[3], a[3];

@@ -458,7 +458,8 @@ class DVPVAE(nn.Module):
 
     def params_to_images(self, params: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Bernoulli: the mean image; DML: an 8-bit sample whose logistic variance is times
-        `temperature` (its scale times sqrt(temperature)). Both in [-1, 1]."""
+        `temperature` (its scale times sqrt(temperature)); at 0, the most probable component's
+        mean. Both in [-1, 1]."""
         if self.config.likelihood == "bernoulli":
             return torch.sigmoid(params.float()) * 2.0 - 1.0
         return dml_sample(params, math.sqrt(temperature), self.config.num_mix)
@@ -533,7 +534,8 @@ class DVPVAE(nn.Module):
         """n images (n, C, D, D) in [-1, 1]: u from its prior in `steps` steps, then the decoder.
 
         `temperature` multiplies the variance of every latent, u's sampler included, and of a
-        DML head's logistics (0 gives the prior means all the way down). Bernoulli models
+        DML head's logistics (0 gives the prior means all the way down, and a DML head's most
+        probable component and its mean: the same images on every call). Bernoulli models
         return the mean image, DML models an 8-bit sample. `sampler="ddim"` is the
         deterministic respaced sampler for few steps; `sampler=None` (the default) uses the distilled
         student for `steps` where the model has one (dvp-distill), else "ancestral"

@@ -245,8 +245,10 @@ def dml_sample_kernel(p_ptr, seed_ptr, out_ptr, num_pixels, temperature,
     u = tl.rand(seed, counter[None, :] + ks[:, None])
     u = tl.minimum(tl.maximum(u, 1e-5), 1.0 - 1e-5)
     logits = tl.where(ks[:, None] < M, _load_rows(p_base, 0, ks, pix, mask, num_pixels), float("-inf"))
-    # Gumbel-max: one component per pixel, shared by the three channels.
-    chosen_k = tl.argmax(logits - tl.log(-tl.log(u)), axis=0)
+    # Gumbel-max: one component per pixel, shared by the three channels; at temperature 0 no noise,
+    # the most probable component (the fallback's rule).
+    gumbel = tl.where(temperature > 0.0, -tl.log(-tl.log(u)), 0.0)
+    chosen_k = tl.argmax(logits + gumbel, axis=0)
     chosen = ks[:, None] == chosen_k[None, :]
     c0, c1, c2 = _coefficients(p_base, ks, pix, mask, num_pixels, M)
     # Sequential coupling on the clamped (not yet rounded) values, as the fallback.

@@ -508,6 +508,31 @@ def test_sample_at_zero_temperature_is_the_coupled_mean(backend):
     assert np.array_equal(level_index(sample).cpu().numpy(), expected)
 
 
+def test_sample_at_zero_temperature_takes_the_most_probable_component(backend):
+    """Temperature 0 is the mode of the component choice: per pixel the component with the largest logit
+    (no Gumbel noise) and its mean, the same on every call. Hand-built: three components whose weights
+    differ by little (0.36 / 0.34 / 0.30, rotated so each pixel has another winner), means on the level
+    grid and no coupling, so the answer is the winner's mean exactly. A Gumbel draw would pick a loser
+    for about two pixels in three."""
+    skip_unless_implemented(backend, "dml_sample")
+    dev = device_for(backend)
+    b, h, w, m = 2, 4, 5, 3
+    winner = torch.arange(b * h * w).reshape(b, h, w) % m  # pixel p's most probable component
+    weights = torch.tensor([0.36, 0.34, 0.30])
+    levels = torch.tensor([[40, 128, 230], [10, 90, 200], [250, 60, 5]], dtype=torch.float64)  # (channel, k)
+    params = torch.zeros(b, 10 * m, h, w)
+    for k in range(m):
+        params[:, k] = torch.log(weights[(k - winner) % m])  # component `winner` gets 0.36
+        for ch in range(3):
+            params[:, m + 3 * m * ch + k] = float(levels[ch, k] / 127.5 - 1.0)
+            params[:, m + 3 * m * ch + m + k] = math.log(0.05)
+    expected = levels[:, winner].permute(1, 0, 2, 3)  # (B, 3, H, W) level indices
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        got = level_index(ops.dml_sample(params.to(dev), 0.0, m, backend=backend)).cpu()
+        assert torch.equal(got, expected), f"seed {seed}: {(got != expected).double().mean():.0%} of sub-pixels differ"
+
+
 def test_sample_component_frequencies(backend):
     """Two components, weights 0.3 / 0.7, means -0.5 / +0.5, tiny scales: the shared choice shows in R, G and B."""
     skip_unless_implemented(backend, "dml_sample")

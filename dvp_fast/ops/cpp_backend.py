@@ -430,8 +430,10 @@ def dml_log_prob_cpp(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> tor
 @register("dml_sample", "cpp")
 def dml_sample_cpp(params: torch.Tensor, temperature: float, num_mix: int) -> torch.Tensor:
     b, _, h, w = params.shape
-    # The fallback's draws, in its order: a uniform per component, then one per colour.
-    u_mix = torch.rand_like(params[:, :num_mix], dtype=torch.float32)
+    # The fallback's draws, in its order: a uniform per component (none at temperature 0, where the
+    # kernel takes the largest logit and reads no u_mix), then one per colour.
+    u_mix = params[:, :num_mix].to(torch.float32)
+    u_mix = torch.rand_like(u_mix) if temperature > 0 else torch.empty_like(u_mix)
     u_logistic = torch.rand_like(params.new_empty((b, 3, h, w), dtype=torch.float32))
     return _ops.dml_sample(_native(params), u_mix.contiguous(), u_logistic, float(temperature), num_mix)
 

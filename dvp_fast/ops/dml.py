@@ -56,8 +56,9 @@ def dml_log_prob(x: torch.Tensor, params: torch.Tensor, num_mix: int = 10, *, ba
 
 def dml_sample(params: torch.Tensor, temperature: float = 1.0, num_mix: int | None = None, *,
                backend: str = "auto") -> torch.Tensor:
-    """An 8-bit image sample (B, 3, H, W) in [-1, 1]; `temperature` scales the logistic noise, whose
-    log-scales are clamped to [-8, 1] as in the likelihood."""
+    """An 8-bit image sample (B, 3, H, W) in [-1, 1]: per pixel a component drawn from the mixture, then
+    a logistic draw whose noise `temperature` scales (log-scales clamped to [-8, 1] as in the likelihood).
+    At temperature 0 nothing is drawn: the most probable component (largest logit) and its coupled mean."""
     check_floating("dml_sample", "params", params)
     num_mix = params.shape[1] // 10 if num_mix is None else num_mix
     _check_params(params, num_mix, "dml_sample")
@@ -120,9 +121,13 @@ def dml_log_prob_torch(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> t
 @register("dml_sample", "torch")
 def dml_sample_torch(params: torch.Tensor, temperature: float, num_mix: int) -> torch.Tensor:
     logits, means, log_scales, coeffs = split_params(params, num_mix)
-    # Gumbel-max picks one component per pixel (shared by the three channels).
-    uniform = torch.rand_like(logits).clamp(1e-5, 1.0 - 1e-5)
-    component = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=1, keepdim=True)  # (B, 1, H, W)
+    # One component per pixel (shared by the three channels): drawn by Gumbel-max, or at temperature 0
+    # the most probable one, so that temperature 0 is deterministic.
+    scores = logits
+    if temperature > 0:
+        uniform = torch.rand_like(logits).clamp(1e-5, 1.0 - 1e-5)
+        scores = logits - torch.log(-torch.log(uniform))
+    component = torch.argmax(scores, dim=1, keepdim=True)  # (B, 1, H, W)
     pick = lambda t: torch.gather(t, 2, component.unsqueeze(1).expand(-1, 3, -1, -1, -1)).squeeze(2)
     means, log_scales, coeffs = pick(means), pick(log_scales), pick(coeffs)  # (B, 3, H, W)
     u = torch.rand_like(means).clamp(1e-5, 1.0 - 1e-5)
