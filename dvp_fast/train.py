@@ -830,6 +830,11 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
                   "progress bar waits until they are done", flush=True)
     trainer = Trainer(model, tcfg, steps_per_epoch, precision, ddp)
     trainer.ema.model.validate_inputs = False
+    if args.compile:
+        # The EMA model is a deep copy, and a copy drops what Module.compile set: compile the blocks that
+        # evaluation and the sample grids run on it too (without CUDA graphs: they run rarely, at other
+        # batch sizes, and each graph would hold a memory pool).
+        _compile_blocks(trainer.ema.model)
 
     step, epoch, batch_index, best, best_step = 0, 0, 0, math.inf, None
     if resume is not None:

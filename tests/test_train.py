@@ -162,6 +162,20 @@ def test_compiled_blocks_have_static_shapes(monkeypatch, cuda_graphs):
     assert all(a == () and kw.get("dynamic") is False and kw.get("mode") == mode for _, a, kw in calls), calls
 
 
+def test_dvp_train_compile_compiles_the_ema_model_that_evaluation_runs(monkeypatch, tmp_path):
+    """--compile compiles the training model's blocks and, separately, the EMA copy's: a deep copy of a
+    compiled module runs eager (Module.compile's call is not copied)."""
+    import dvp_fast.train as train_mod
+
+    compiled, trainers = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: compiled.append(self))
+    monkeypatch.setattr(train_mod, "Trainer", lambda *a, **kw: trainers.append(Trainer(*a, **kw)) or trainers[-1])
+    assert main(["--out", str(tmp_path / "run"), "--max-steps", "1", "--compile", *FAST]) == 0
+    ema, model = trainers[0].ema.model, trainers[0].model
+    blocks = lambda m: [*m.encoder.scales, *m.blocks, m.u_prior.unet]
+    assert all(any(c is b for c in compiled) for b in blocks(model) + blocks(ema))
+
+
 # aten ops that copy a device value to the host: on CUDA each one stalls the step (and breaks capture).
 HOST_READS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero")
 
