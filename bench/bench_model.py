@@ -183,7 +183,9 @@ def _alone_memory(preset, batch, x, st, fast, **overrides) -> tuple[tuple | None
 
 def bench_train(st: Settings) -> list[dict]:
     rows = []
-    for preset, batches in train_sizes(st).items():
+    sizes = train_sizes(st)
+    for preset in st.chosen(sizes):
+        batches = [PAPER_BATCH[preset]] if st.paper_batch else sizes[preset]
         for batch in batches:
             rows += common.guarded(st, SECTION, "train", f"{preset}, batch {batch}",
                                    lambda: _train_case(preset, batch, st))
@@ -228,7 +230,8 @@ def _sample_seconds(model: DVPVAE, n: int, st: Settings) -> common.Timing:
 def bench_table6(st: Settings) -> list[dict]:
     """One model after another, each alone in memory: build, warm step, memory, step time, sampling."""
     rows = []
-    for label, overrides, batch, ks, ks_mem, n in table6_settings(st):
+    for label, overrides, batch, ks, ks_mem, n in st.chosen(table6_settings(st),
+                                                           preset_of=lambda setting: _preset_of(setting[0])):
         preset = _preset_of(label)
         case = f"{label}, batch {batch}"
         note = _reduced_note(preset, batch, st)
@@ -285,7 +288,7 @@ def _k_of(name: str) -> int | None:
 # --- IWAE ------------------------------------------------------------------------------------------------
 def bench_iwae(st: Settings) -> list[dict]:
     rows = []
-    for preset, batch, k in iwae_settings(st):
+    for preset, batch, k in st.chosen(iwae_settings(st), preset_of=lambda setting: setting[0]):
         rows += common.guarded(st, SECTION, "iwae", f"{preset}, K={k}", lambda: _iwae_case(preset, batch, k, st))
         _free(st)
     return rows

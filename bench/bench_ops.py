@@ -287,13 +287,15 @@ def bench_ops(st: Settings, copy_gbps: float, groups: tuple[str, ...] = GROUPS) 
     st.notes.extend(n for n in notes if n not in st.notes)
     if st.quick and not st.cuda:
         st.notes.append("ops: no torch.compile variants in --quick on CPU (a cold compile is 10-40 s per graph)")
-    presets = ("mnist", "cifar10") if st.quick else ("mnist", "omniglot", "cifar10")
+    presets = st.chosen(("mnist", "cifar10") if st.quick else ("mnist", "omniglot", "cifar10"))
+    if not st.compile:
+        st.notes.append("ops: no torch.compile variants (--no-compile)")
     rows = []
     for preset in presets:
         torch._dynamo.reset()  # a fresh compile cache per preset: never hit the recompile limit
         batch = 8 if st.quick else TRAIN_BATCH[preset]
         # a cold torch.compile costs 10-40 s per graph on 2 CPU cores: --quick compiles only on CUDA
-        compile_groups = set(GROUPS) if not st.quick or st.cuda else set()
+        compile_groups = set(GROUPS) if st.compile and (not st.quick or st.cuda) else set()
         for case in make_cases(preset, batch, st.device, backends, compile_groups):
             if case.group not in groups or (preset == "omniglot" and case.group.startswith("gaussian")):
                 continue  # omniglot's latents have mnist's shapes at the same batch: the mnist rows stand

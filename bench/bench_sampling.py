@@ -73,7 +73,7 @@ def _note(n: int, width_note: str) -> str:
 
 def bench_sample1000(st: Settings) -> list[dict]:
     rows = []
-    for preset, n, compiled in sample_settings(st):
+    for preset, n, compiled in st.chosen(sample_settings(st), preset_of=lambda setting: setting[0]):
         rows += common.guarded(st, SECTION, "sample1000", f"{preset}, {n} samples, 50 steps",
                                lambda: _sample_case(preset, n, compiled, st))
         common.free_memory(st.device)
@@ -85,14 +85,14 @@ def _sample_case(preset: str, n: int, compiled: bool, st: Settings) -> list[dict
     case = f"{preset}, {n} samples, 50 steps"
     variants = {"eager": (lambda _: model.sample(n, steps=50), None)}
     first_rows = []
-    if compiled:
+    if compiled and (st.cuda or st.compile):  # on a CPU compile=True is torch.compile, which --no-compile drops
         fn = lambda _: model.sample(n, steps=50, compile=True)
         first = common.time_call(fn, st.device)
         kind = "CUDA graph capture" if st.cuda else "torch.compile"
         first_rows.append(common.row(SECTION, "sample1000", case, "compile=True", "first call", "s",
                                      value=first, n=1, note=f"{kind} + one run at n={n}; not in the rows below"))
         variants["compile=True"] = (fn, None)
-        if st.cuda:
+        if st.cuda and st.compile:
             compiled_pieces = _compiled_pieces(model, n)
             if compiled_pieces is not None:
                 first = common.time_call(compiled_pieces, st.device)
@@ -124,7 +124,7 @@ def _compiled_pieces(model: DVPVAE, n: int):
 
 def bench_steps(st: Settings) -> list[dict]:
     rows = []
-    for preset, n in steps_settings(st):
+    for preset, n in st.chosen(steps_settings(st), preset_of=lambda setting: setting[0]):
         rows += common.guarded(st, SECTION, "steps", f"{preset}, {n} samples", lambda: _steps_case(preset, n, st))
         common.free_memory(st.device)
     return rows

@@ -48,10 +48,20 @@ class Settings:
     min_repeats: int  # ... and at least this many, whatever the time budget
     budget_s: float  # a case stops repeating once this much wall time is spent on it
     notes: list[str] = field(default_factory=list)  # run-wide notes collected by sections
+    presets: tuple[str, ...] | None = None  # --presets: only these, in this order (None: every preset)
+    paper_batch: bool = False  # --paper-batch: model.train at each preset's own batch size only
+    compile: bool = True  # --no-compile: no torch.compile (inductor) variants; CUDA graph capture stays
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def chosen(self, items, preset_of=lambda item: item) -> list:
+        """`items` (presets, or settings whose preset `preset_of` gives) kept and ordered by --presets."""
+        items = list(items)
+        if self.presets is None:
+            return items
+        return [item for p in self.presets for item in items if preset_of(item) == p]
 
     @classmethod
     def make(cls, device: str, quick: bool) -> "Settings":

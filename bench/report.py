@@ -203,6 +203,9 @@ def markdown(result: dict, plots: list[str]) -> str:
         ("mode", "--quick (small sizes, few repeats)" if env["quick"] else "full"),
         ("total time", f"{env['total_seconds']:.0f} s"),
     ]
+    if not result.get("complete", True):
+        facts.append(("state", "**incomplete**: written after each group; not run (yet): "
+                               + (", ".join(result.get("not_yet_run", [])) or "none")))
     if env.get("cuda"):
         facts.insert(5, ("CUDA / GPU memory / capability", f"{env['cuda']} / {env['gpu_memory_gib']:.0f} GiB / "
                                                            f"{env['compute_capability']}"))
@@ -237,7 +240,7 @@ _PLOT_SECTION: dict[str, str] = {}
 def write(result: dict, out_dir: str, name: str, plots: bool = True) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     pngs = make_plots(result, out_dir, name) if plots else []
-    if not plots:
+    if not plots and result.get("complete", True) and "plots skipped (--no-plots)" not in result["notes"]:
         result["notes"].append("plots skipped (--no-plots)")
     json_path = os.path.join(out_dir, name + ".json")
     with open(json_path, "w") as f:

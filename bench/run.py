@@ -1,14 +1,17 @@
 """dvp_fast benchmarks: ops, model and sampling, side by side in one run, with the run recorded.
 
-    python bench/run.py [--device cpu|cuda] [--quick] [--only NAME ...] [--out bench/results] [--threads N]
+    python bench/run.py [--device cpu|cuda] [--quick] [--only NAME ...] [--presets NAME ...] [--paper-batch]
+                        [--no-compile] [--case-budget S] [--out bench/results] [--threads N]
 
-Sections and their groups (--only takes a section, or section.group):
+Sections and their groups (--only takes a section, or section.group; they run in the order given):
   ops       dct_crop, idct_pad, dct_pair, gaussian_sample_kl, gaussian_sample_kl_grouped, dml_log_prob,
-            dml_sample, cpp_small                                                   (bench/bench_ops.py)
+            dml_sample, conv1x1, cpp_small                                          (bench/bench_ops.py)
   model     train, table6, iwae, pipeline                                          (bench/bench_model.py)
   sampling  sample1000, steps, students                                            (bench/bench_sampling.py)
-Writes <out>/<device>-<date>[-quick][-partial].{json,md} and PNG plots beside them, and prints
-the table. Every ratio compares two variants measured in this run; see bench/results/README.md.
+Writes <out>/<device>-<date>[-quick][-partial].{json,md} after every group (a run stopped part way
+keeps what it measured; the files say which groups are done), PNG plots beside them at the end,
+and prints the table. Every ratio compares two variants measured in this run; see
+bench/results/README.md.
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import report  # noqa: E402
+from dvp_fast.config import PRESETS  # noqa: E402
 
 SECTIONS = {
     "ops": ("dct_crop", "idct_pad", "dct_pair", "gaussian_sample_kl", "gaussian_sample_kl_grouped", "dml_log_prob",
-            "dml_sample", "cpp_small"),
+            "dml_sample", "conv1x1", "cpp_small"),
     "model": ("train", "table6", "iwae", "pipeline"),
     "sampling": ("sample1000", "steps", "students"),
 }
@@ -43,6 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats: every section in ~2 minutes")
     p.add_argument("--only", nargs="+", metavar="NAME", default=None,
                    help="sections or section.group to run, e.g. ops model.train sampling.steps")
+    p.add_argument("--presets", nargs="+", metavar="PRESET", default=None, choices=PRESETS,
+                   help="only these presets, in this order (default: each section's own list)")
+    p.add_argument("--paper-batch", action="store_true",
+                   help="model.train at each preset's own batch size only (mnist 250, cifar10 128)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="no torch.compile (inductor) variants; on CUDA the sampler's graph capture stays")
+    p.add_argument("--case-budget", type=float, default=None, metavar="S",
+                   help="stop repeating a case after S seconds (default 20 on CUDA, 8 on CPU, 2 with --quick)")
     p.add_argument("--out", default=os.path.join(common.REPO, "bench", "results"), help="results folder")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's). On a loaded shared CPU, 1 avoids OpenMP "
@@ -54,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def selection(only: list[str] | None) -> dict[str, tuple[str, ...]]:
-    """{section: groups} chosen by --only (all when None); unknown names are an error."""
+    """{section: groups} chosen by --only (all when None), in the order named; unknown names are an error."""
     if not only:
         return dict(SECTIONS)
     chosen: dict[str, list[str]] = {}
@@ -69,7 +81,22 @@ def selection(only: list[str] | None) -> dict[str, tuple[str, ...]]:
         for g in ([group] if group else SECTIONS[section]):
             if g not in groups:
                 groups.append(g)
-    return {s: tuple(g for g in SECTIONS[s] if g in chosen[s]) for s in SECTIONS if s in chosen}
+    return {section: tuple(groups) for section, groups in chosen.items()}
+
+
+def run_group(section: str, group: str, st: common.Settings, copy_gbps: float) -> list[dict]:
+    """The rows of one group of one section."""
+    if section == "ops":
+        import bench_ops
+
+        return bench_ops.bench_ops(st, copy_gbps, (group,))
+    if section == "model":
+        import bench_model
+
+        return bench_model.bench_model(st, (group,))
+    import bench_sampling
+
+    return bench_sampling.bench_sampling(st, (group,))
 
 
 def main(argv=None) -> int:
@@ -80,6 +107,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     chosen = selection(args.only)
     st = common.Settings.make(args.device, args.quick)
+    st.presets, st.paper_batch, st.compile = args.presets and tuple(args.presets), args.paper_batch, not args.no_compile
+    if args.case_budget is not None:
+        st.budget_s = args.case_budget
     t_start = time.perf_counter()
     st.notes.append(common.steady_malloc())
     # A cold torch.compile cache, so that "first call" rows show what a first compile costs
@@ -110,28 +140,27 @@ def main(argv=None) -> int:
     print(f"# copy bandwidth: {bw['median_gbps']:.1f} GB/s (IQR {bw['iqr_gbps']:.1f}), {bw['method']}", flush=True)
 
     sections: dict[str, dict] = {}
+    result = dict(environment=env, copy_bandwidth=bw, notes=st.notes, sections=sections, complete=False)
+    stem = report.stem(env, partial=args.only is not None or args.presets is not None)
+    todo = [f"{section}.{group}" for section, groups in chosen.items() for group in groups]
     for section, groups in chosen.items():
         print(f"== {section}: {', '.join(groups)}", flush=True)
-        t0 = time.perf_counter()
+        sec = sections[section] = dict(groups=[], seconds=0.0, rows=[])
         torch._dynamo.reset()
-        if section == "ops":
-            import bench_ops
-
-            rows = bench_ops.bench_ops(st, bw["median_gbps"], groups)
-        elif section == "model":
-            import bench_model
-
-            rows = bench_model.bench_model(st, groups)
-        else:
-            import bench_sampling
-
-            rows = bench_sampling.bench_sampling(st, groups)
-        sections[section] = dict(groups=list(groups), seconds=time.perf_counter() - t0, rows=rows)
-        print(f"== {section} done in {sections[section]['seconds']:.0f} s", flush=True)
+        for group in groups:
+            t0 = time.perf_counter()
+            sec["rows"] += run_group(section, group, st, bw["median_gbps"])
+            sec["groups"].append(group)
+            sec["seconds"] += time.perf_counter() - t0
+            todo.remove(f"{section}.{group}")
+            # What is measured so far, on disk: a run stopped at a time limit keeps it.
+            env["total_seconds"] = time.perf_counter() - t_start
+            result["not_yet_run"] = todo
+            report.write(result, args.out, stem, plots=False)
+        print(f"== {section} done in {sec['seconds']:.0f} s", flush=True)
 
     env["total_seconds"] = time.perf_counter() - t_start
-    result = dict(environment=env, copy_bandwidth=bw, notes=st.notes, sections=sections)
-    stem = report.stem(env, partial=args.only is not None)
+    result["complete"] = True
     paths = report.write(result, args.out, stem, plots=not args.no_plots)
     print(report.text_table(result))
     for p in paths:

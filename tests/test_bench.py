@@ -109,6 +109,49 @@ def test_only_selects_sections_and_groups():
         run.selection(["kernels"])
 
 
+def test_only_runs_groups_in_the_order_named():
+    assert list(run.selection(["sampling.sample1000", "ops.dct_pair", "ops.dml_log_prob"]).items()) == [
+        ("sampling", ("sample1000",)), ("ops", ("dct_pair", "dml_log_prob"))]
+    assert "conv1x1" in run.SECTIONS["ops"]
+
+
+def test_presets_and_paper_batch_choose_the_training_cases(monkeypatch):
+    """--presets cifar10 mnist --paper-batch: the cifar10 step at 128, then the mnist step at 250, nothing else."""
+    import bench_model
+    import common
+
+    st = common.Settings.make("cpu", quick=False)
+    st.presets, st.paper_batch = ("cifar10", "mnist"), True
+    seen = []
+    monkeypatch.setattr(bench_model, "_train_case", lambda preset, batch, st: seen.append((preset, batch)) or [])
+    bench_model.bench_train(st)
+    assert seen == [("cifar10", 128), ("mnist", 250)]
+    assert st.chosen([("mnist", 1), ("omniglot", 2), ("cifar10", 3)], preset_of=lambda s: s[0]) == [
+        ("cifar10", 3), ("mnist", 1)]
+
+
+def test_a_run_stopped_part_way_keeps_the_groups_it_finished(tmp_path, monkeypatch):
+    """The results are written after every group: a run killed in its second group (here: interrupted)
+    leaves the first group's rows on disk, and says which groups it did not run."""
+    import common
+
+    def fake_group(section, group, st, copy_gbps):
+        if group == "dml_log_prob":
+            raise KeyboardInterrupt  # the time limit's kill, as far as this process can tell
+        return [common.row(section, group, "a case", "torch", "time", "ms", value=1.5, n=3)]
+
+    monkeypatch.setattr(run, "run_group", fake_group)
+    monkeypatch.setattr(common, "copy_bandwidth", lambda st: dict(median_gbps=1.0, iqr_gbps=0.1, method="stub"))
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--device", "cpu", "--quick", "--only", "ops.dct_pair", "ops.dml_log_prob", "sampling.steps",
+                  "--no-plots", "--out", str(tmp_path)])
+    (json_path,) = glob.glob(str(tmp_path / "*-partial.json"))
+    result = json.load(open(json_path))
+    assert result["complete"] is False and result["not_yet_run"] == ["ops.dml_log_prob", "sampling.steps"]
+    assert [r["group"] for r in result["sections"]["ops"]["rows"]] == ["dct_pair"]
+    assert "**incomplete**" in open(json_path[:-5] + ".md").read()
+
+
 def test_teacher_report_writes_the_learning_curve_and_the_evaluations_of_best_pt(tmp_path):
     from dvp_fast.cli import eval_main
     from dvp_fast.train import main as train_main
