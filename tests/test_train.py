@@ -176,6 +176,21 @@ def test_dvp_train_compile_compiles_the_ema_model_that_evaluation_runs(monkeypat
     assert all(any(c is b for c in compiled) for b in blocks(model) + blocks(ema))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, tmp_path, capsys, native):
+    """--precision bf16 on a CPU without AVX512-BF16/AMX: oneDNN has no bf16 convolution there and aten's
+    slow one runs instead (8x slower than fp32, bench/results/cpu-bf16-2026-12-07.md); auto stays fp32."""
+    import dvp_fast.train as train_mod
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert train_mod.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    # The warning comes before the data are read: a missing file ends the run right after it.
+    assert main(["--out", str(tmp_path / "run"), "--data", f"npy:{tmp_path / 'none.npy'}", "--precision", "bf16",
+                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "none.npy" in err and ("without native bf16 instructions" in err) is not native
+
+
 # aten ops that copy a device value to the host: on CUDA each one stalls the step (and breaks capture).
 HOST_READS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero")
 
