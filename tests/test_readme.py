@@ -72,6 +72,19 @@ def workdir(tmp_path_factory):
     return folder
 
 
+def test_every_relative_link_of_the_readme_and_the_docs_exists():
+    """A moved or archived file breaks no link: every relative link target (pictures included) exists."""
+    docs = os.path.join(os.path.dirname(README), "docs")
+    pages = [README, *(os.path.join(docs, name) for name in sorted(os.listdir(docs)) if name.endswith(".md"))]
+    broken = []
+    for page in pages:
+        with open(page) as f:
+            for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", f.read()):
+                if "://" not in target and not os.path.exists(os.path.join(os.path.dirname(page), target)):
+                    broken.append(f"{os.path.basename(page)}: {target}")
+    assert len(pages) > 1 and not broken, broken
+
+
 def test_the_readme_has_code_to_run():
     assert code_blocks("python") and bash_commands()
 
