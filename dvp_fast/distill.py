@@ -182,11 +182,11 @@ def teacher_samples(prior: DiffusionPrior, n: int, steps: int = TEACHER_STEPS, b
                       for i in range(0, n, batch)])
 
 
-def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterations: int = 400,
-                batch_size: int = 256, lr: float = 3e-4, init: torch.nn.Module | None = None,
+def distill_one(prior: DiffusionPrior, steps: int, targets: torch.Tensor, iterations: int = StudentRecipe.iterations,
+                batch_size: int = 256, lr: float = LEARNING_RATES["eps"], init: torch.nn.Module | None = None,
                 progress: bool = False, seed: int = 0, predicts: str = "eps",
-                moment_weight: float = MOMENT_WEIGHT, reverse_kl_weight: float = 0.1,
-                fake_updates: int = 1) -> tuple[torch.nn.Module, list[float]]:
+                moment_weight: float = MOMENT_WEIGHT, reverse_kl_weight: float = StudentRecipe.reverse_kl_weight,
+                fake_updates: int = StudentRecipe.fake_updates) -> tuple[torch.nn.Module, list[float]]:
     """A `steps`-step student network (predicting eps or x) fitted to `targets` (teacher samples);
     returns it and its losses.
 
