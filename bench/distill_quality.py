@@ -136,49 +136,6 @@ def held_out_references(model, data_dir: str) -> dict:
     return {split: Reference(model, split, data_dir) for split in ("val", "test")}
 
 
-def seeded_runs(sample, seeds, n: int = 1000) -> list[torch.Tensor]:
-    """sample(n) once per seed, each after torch.manual_seed(seed), as `measure` draws its runs."""
-    runs = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        runs.append(sample(n))
-    return runs
-
-
-def experiment_parser(doc: str, write_table=None) -> argparse.ArgumentParser:
-    """The arguments every script in bench/experiments takes: --checkpoint, --data-dir, --threads; with
-    write_table(paths, out) also --table JSON..., which only writes the table of earlier results to --out.
-    Parse them with experiment_args."""
-    p = argparse.ArgumentParser(description=doc.split("\n")[0])
-    p.add_argument("--checkpoint", help="a checkpoint with students (required unless --table)")
-    p.add_argument("--data-dir", help="the MNIST IDX files (required unless --table)")
-    p.add_argument("--threads", type=int, default=2)
-    if write_table is not None:
-        p.add_argument("--table", nargs="+", default=None, metavar="JSON",
-                       help="only write the table of these results files to --out (a .md); needs no checkpoint")
-        p.set_defaults(write_table=write_table)
-    return p
-
-
-def experiment_args(p: argparse.ArgumentParser) -> argparse.Namespace:
-    """p's arguments; with --table, writes that table and exits."""
-    args = p.parse_args()
-    if getattr(args, "table", None):
-        args.write_table(args.table, args.out)
-        raise SystemExit(0)
-    missing = [name for name in ("checkpoint", "data_dir") if getattr(args, name) is None]
-    if missing:
-        p.error("the following arguments are required: " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    return args
-
-
-def load_experiment(args) -> tuple:
-    """The model of args.checkpoint (eval mode) and its held-out references, on args.threads threads."""
-    torch.set_num_threads(args.threads)
-    model = DVPVAE.from_checkpoint(args.checkpoint).eval()
-    return model, held_out_references(model, args.data_dir)
-
-
 def data_row(model, classifier, references, data_dir: str, n: int, grid: int) -> dict:
     """Real pseudo-inputs u ~ r(u|x) of n random training images, scored like a sampler (their images as
     they are)."""

@@ -1,14 +1,15 @@
-"""python -m dvp_fast {train,sample,eval,export,upgrade-checkpoint} ...: the command-line tools, also
+"""python -m dvp_fast {train,sample,eval,export,distill,upgrade-checkpoint} ...: the command-line tools, also
 without their scripts on PATH; upgrade-checkpoint rewrites trusted format-1 checkpoints in format 2."""
 import sys
 
 from .checkpoint import upgrade_main
 from .cli import eval_main, sample_main
+from .distill_cli import distill_main
 from .export import export_main
 from .train import main as train_main
 
 COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "export": export_main,
-            "upgrade-checkpoint": upgrade_main}
+            "distill": distill_main, "upgrade-checkpoint": upgrade_main}
 
 
 def main(argv: list[str]) -> int:

@@ -132,7 +132,7 @@ def sample(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    save_grid(images, args.out, nrow=args.nrow)
+    save_grid(images, args.out, nrow=args.nrow, scale=args.scale)
     if args.save_tensor:
         torch.save(images.cpu(), os.path.splitext(args.out)[0] + ".pt")
     steps = args.steps or model.config.sample_steps
@@ -150,6 +150,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="multiplies every latent's variance")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--nrow", type=_positive(int), default=None, help="images per grid row")
+    p.add_argument("--scale", type=_positive(int), default=2,
+                   help="draw each image pixel as SCALE x SCALE pixels (default 2; 1: the images' own size)")
     p.add_argument("--save-tensor", action="store_true", help="also save the raw (n, C, H, W) tensor as .pt")
     p.add_argument("--batch-size", type=_positive(int), default=500, help="images drawn at once")
     p.add_argument("--raw-weights", action="store_true", help="use the training weights, not their EMA")

@@ -9,8 +9,7 @@ import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli import OneLineParser, _device, _non_negative, _positive, _run
-from .distill import (FAKE_UPDATES, FAKE_UPDATES_BY_STEPS, ITERATIONS, ITERATIONS_BY_STEPS, MOMENT_WEIGHT,
-                      REVERSE_KL_MIN_STEPS, REVERSE_KL_WEIGHT, REVERSE_KL_WEIGHT_BY_STEPS, TEACHER_SAMPLES, distill)
+from .distill import MOMENT_WEIGHT, RECIPES, REVERSE_KL_MIN_STEPS, TEACHER_SAMPLES, default_recipe, distill
 from .model import DVPVAE
 
 
@@ -57,8 +56,12 @@ def _chosen(entry: dict) -> str:
     return f"; kept candidate {entry['chosen_candidate']} of {len(entry['candidate_energy_distances'])} ({scores})"
 
 
-def _by_steps(values: dict) -> str:
-    return ", ".join(f"{k}-step students {v}" for k, v in sorted(values.items()))
+def _recipe_default(field: str) -> str:
+    """A recipe field's default as help text: the value of most step counts, then the listed ones that differ."""
+    usual = getattr(default_recipe(REVERSE_KL_MIN_STEPS), field)
+    listed = {k: getattr(r, field) for k, r in sorted(RECIPES.items()) if k >= REVERSE_KL_MIN_STEPS or
+              field == "iterations"}
+    return ", ".join([str(usual)] + [f"{k}-step students {v}" for k, v in listed.items() if v != usual])
 
 
 def distill_main(argv: list[str] | None = None) -> int:
@@ -68,8 +71,7 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=_positive(int), nargs="+", default=[1, 2, 4], help="step counts to distil")
     p.add_argument("--out", default=None, help="checkpoint to write (default: distilled.pt beside the source)")
     p.add_argument("--iterations", type=_positive(int), default=None,
-                   help=f"optimisation steps per student (default: {ITERATIONS}, " + _by_steps(ITERATIONS_BY_STEPS)
-                        + ")")
+                   help=f"optimisation steps per student (default: {_recipe_default('iterations')})")
     p.add_argument("--batch-size", type=_positive(int), default=256)
     p.add_argument("--lr", type=_positive(float), default=None,
                    help="learning rate (default: 3e-4 for students predicting eps, 1e-3 for x)")
@@ -79,11 +81,11 @@ def distill_main(argv: list[str] | None = None) -> int:
                    help="weight of the mean-and-covariance term beside the energy distance (0: none)")
     p.add_argument("--reverse-kl-weight", type=_non_negative(float), default=None,
                    help="weight of the reverse-KL (distribution matching) term beside the energy distance, for "
-                        f"students of {REVERSE_KL_MIN_STEPS} steps or more (0: none; default: {REVERSE_KL_WEIGHT}, "
-                        + _by_steps(REVERSE_KL_WEIGHT_BY_STEPS) + ")")
+                        f"students of {REVERSE_KL_MIN_STEPS} steps or more (0: none; default: "
+                        f"{_recipe_default('reverse_kl_weight')})")
     p.add_argument("--fake-updates", type=_positive(int), default=None,
-                   help=f"Adam steps of the reverse-KL term's fake score per student step (default: {FAKE_UPDATES}, "
-                        + _by_steps(FAKE_UPDATES_BY_STEPS) + ")")
+                   help=f"Adam steps of the reverse-KL term's fake score per student step (default: "
+                        f"{_recipe_default('fake_updates')})")
     p.add_argument("--candidates", type=_positive(int), default=1,
                    help="students fitted per step count (other seeds); the one closest to a further teacher "
                         "draw is kept")

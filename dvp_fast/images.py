@@ -9,10 +9,17 @@ import zlib
 import torch
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
-    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', C) grid with `nrow` images per row, white padding."""
+DISPLAY_SCALE = 2  # a 28x28 digit is too small to read on a screen at one pixel per pixel
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', C) grid with `nrow` images per row, white padding; each
+    image pixel drawn as scale x scale pixels (nearest neighbour: no new values)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be (N, 1 or 3, H, W), got shape {tuple(images.shape)}")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    images = images.detach().repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
@@ -42,8 +49,8 @@ def write_png(path: str, pixels: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> str:
-    """Save (N, C, H, W) images in [-1, 1] as one PNG grid; returns the path."""
+def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = DISPLAY_SCALE) -> str:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid, each pixel `scale` x `scale`; returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_png(path, make_grid(images, nrow))
+    write_png(path, make_grid(images, nrow, scale=scale))
     return path

@@ -654,6 +654,14 @@ class DVPVAE(nn.Module):
         (not per batch), each posterior mean given one draw of the layers above.
         Returns a float, or a list of per-layer fractions (z_L first) with per_layer=True.
         """
+        active = self.active_unit_masks(x, threshold, batch_size)
+        if per_layer:
+            return [a.double().mean().item() for a in active]
+        return torch.cat(active).double().mean().item()
+
+    @torch.no_grad()
+    def active_unit_masks(self, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 500) -> list[torch.Tensor]:
+        """active_units' per-unit decisions: one boolean tensor per latent layer (z_L first), flattened."""
         self._check_images(x)
         batch_size = _positive_int("batch_size", batch_size)
         if not isinstance(threshold, numbers.Real) or math.isnan(threshold):
@@ -673,7 +681,4 @@ class DVPVAE(nn.Module):
             squares = q if squares is None else [a + b for a, b in zip(squares, q)]
             count += chunk.shape[0]
         variances = [sq / count - (sm / count) ** 2 for sm, sq in zip(sums, squares)]
-        active = [(v > threshold) for v in variances]
-        if per_layer:
-            return [a.double().mean().item() for a in active]
-        return torch.cat(active).double().mean().item()
+        return [(v > threshold) for v in variances]

@@ -45,8 +45,10 @@ from .checkpoint import (BEST, LAST, CheckpointError, load_checkpoint, remove_st
 from .cli import OneLineParser, report_error
 from .config import PRESETS, DVPConfig, TrainConfig, model_preset, train_preset
 from .images import save_grid
+from .learning_curve import LayerLog, plot_learning_curve
 from .model import DVPVAE
 from .ops import backend_available
+from .tensorboard_log import TensorBoard, tensorboard_available
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "elbo", "recon", "kl", "grad_norm", "skipped", "images_per_s",
                  "val_loss", "val_elbo", "active_units", "time_s"]
@@ -293,32 +295,40 @@ def bf16_is_slow_here(precision: str, device: torch.device) -> bool:
 
 
 def evaluate(model: DVPVAE, images: torch.Tensor, batch_size: int, precision: str = "fp32") -> dict:
-    """Negative ELBO (nats and bits/dim) and active units of `model` on uint8 `images` (N, C, H, W);
+    """Negative ELBO (nats and bits/dim) and active units of `model` on uint8 `images` (N, C, H, W), and
+    per layer (`layers`: the mean KL in nats of u, z_L, ..., z_1 and the active units of z_L, ..., z_1);
     precision "bf16" runs the forward under bf16 autocast, as training does."""
     check_images(images, model.config, "images")
     was_training = model.training
     model.eval()
     batches = datasets.DeviceBatches(images, min(batch_size, images.shape[0]), model.device, shuffle=False,
                                      drop_last=False)
-    total, count = torch.zeros((), device=model.device), 0
+    total, kl, count = torch.zeros((), device=model.device), 0.0, 0
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for x in batches.batches(0):
         with autocast:
-            total += (-model(x).elbo.float()).sum()
+            out = model(x)
+        total += (-out.elbo.float()).sum()
+        kl = kl + out.kl.float().sum(0)
         count += x.shape[0]
     neg_elbo = total.item() / count
-    au = model.active_units(images[:5000].to(model.device).float() / 127.5 - 1.0, batch_size=batch_size)
+    masks = model.active_unit_masks(images[:5000].to(model.device).float() / 127.5 - 1.0, batch_size=batch_size)
     model.train(was_training)
-    return dict(val_elbo=-neg_elbo, val_loss=neg_elbo / (model.config.pixels * math.log(2.0)), active_units=au)
+    return dict(val_elbo=-neg_elbo, val_loss=neg_elbo / (model.config.pixels * math.log(2.0)),
+                active_units=torch.cat(masks).double().mean().item(),
+                layers=dict(kl=(kl / count).tolist(), active_units=[m.double().mean().item() for m in masks]))
 
 
-def save_images(model: DVPVAE, val_images: torch.Tensor, folder: str, step: int) -> None:
-    """A grid of 64 samples and one of 32 validation images next to their reconstructions."""
+def save_images(model: DVPVAE, val_images: torch.Tensor, folder: str, step: int) -> dict[str, torch.Tensor]:
+    """A grid of 64 samples and one of 32 validation images next to their reconstructions; returns both
+    image batches in [-1, 1] (samples, reconstructions)."""
     os.makedirs(folder, exist_ok=True)
-    save_grid(model.sample(64), os.path.join(folder, f"step{step:07d}_samples.png"), nrow=8)
+    samples = model.sample(64)
+    save_grid(samples, os.path.join(folder, f"step{step:07d}_samples.png"), nrow=8)
     x = val_images[:32].to(model.device).float() / 127.5 - 1.0
     pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
     save_grid(pairs, os.path.join(folder, f"step{step:07d}_reconstructions.png"), nrow=16)
+    return dict(samples=samples, reconstructions=pairs)
 
 
 # --- the Python API: train on a uint8 tensor ------------------------------------------------------------------
@@ -495,9 +505,14 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=None, help="random seed (preset default)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics and sample grids as TensorBoard event files in the run folder "
+                        "(needs the tensorboard package)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    if args.tensorboard and not tensorboard_available():
+        p.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -865,6 +880,10 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
         _write_json(os.path.join(out, "config.json"),
                     dict(model=mcfg.to_dict(), train=tcfg.to_dict(), run=dict(vars(args), out=out, world_size=world)))
         metrics = MetricsCSV(os.path.join(out, "metrics.csv"), step if resume is not None else None)
+        layer_log = LayerLog(out, step if resume is not None else None)
+        board = TensorBoard(out) if args.tensorboard else None
+        if board is not None:
+            stack.callback(board.close)
 
     def checkpoint(path: str, position: tuple[int, int]) -> None:
         payload = dict(model_config=mcfg.to_dict(), train_config=tcfg.to_dict(), run=dict(data=args.data),
@@ -929,7 +948,11 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
                 trainer.ema.sync_buffers(model)
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     ev = evaluate(trainer.ema.model, val_images, tcfg.eval_batch_size, precision)
-                    save_images(trainer.ema.model, val_images, os.path.join(out, "samples"), step)
+                    grids = save_images(trainer.ema.model, val_images, os.path.join(out, "samples"), step)
+                layers = ev.pop("layers")
+                layer_log.add(step, layers["kl"], layers["active_units"])
+                if board is not None:
+                    board.evaluation(step, ev, layers, grids)
                 row = {**(row or dict(step=step, epoch=step / steps_per_epoch)), **ev}
                 summary = ev
                 if ev["val_loss"] < best:
@@ -937,6 +960,10 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
                     checkpoint(os.path.join(out, BEST), position)
             if is_main and row is not None:
                 metrics.append(row)
+                if "val_loss" in row:  # an evaluation: the figure, from the files just written
+                    plot_learning_curve(out)
+                if board is not None:
+                    board.scalars(row)
             if (step % ckpt_every == 0 or done) and is_main:
                 checkpoint(last_path, position)
             if stop.signum is not None and not done:

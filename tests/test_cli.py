@@ -101,3 +101,23 @@ def test_the_end_of_run_line_gives_both_losses_in_bits_per_dim():
     line = _summary_line(160, 16, 151.2, (0.2031, 10), dict(val_loss=0.2107, active_units=0.93), 0.2101, 150, 0)
     assert line == ("done: 160 steps (10.0 epochs) in 151 s; loss in bits/dim: training 0.2031 (mean of the last 10 "
                     "steps), validation 0.2107 (best 0.2101 at step 150); 93% active units")
+
+
+def test_grids_are_drawn_at_twice_the_size_by_default(tmp_path):
+    """Each pixel of a 2x grid is a 2x2 block of the 1x grid's value: no new values, twice the size."""
+    import zlib
+
+    from dvp_fast.images import make_grid, save_grid
+
+    images = torch.rand(5, 1, 7, 6) * 2 - 1
+    one, two = make_grid(images, nrow=3, scale=1), make_grid(images, nrow=3, scale=2)
+    assert tuple(one.shape) == (2 * (7 + 2) + 2, 3 * (6 + 2) + 2, 1) and tuple(two.shape) == (2 * (14 + 2) + 2, 3 * (12 + 2) + 2, 1)
+    assert torch.equal(two[2:2 + 14:2, 2:2 + 12:2], one[2:2 + 7, 2:2 + 6])  # the first image, every other pixel
+    assert torch.equal(two[3:3 + 14:2, 3:3 + 12:2], one[2:2 + 7, 2:2 + 6])
+    path = save_grid(images, str(tmp_path / "g.png"), nrow=3)
+    with open(path, "rb") as f:
+        header = f.read(24)
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert (height, width) == tuple(two.shape[:2])
+    with pytest.raises(ValueError, match="scale must be a positive integer"):
+        make_grid(images, scale=0)

@@ -17,8 +17,8 @@ from torch import nn
 
 from dvp_fast import DVPVAE
 from dvp_fast.diffusion import DiffusionPrior
-from dvp_fast.distill import (FakeScore, Whitening, distill, distill_one, energy_distance, gaussian_mmd,
-                              median_distance, moment_mismatch, student_sample, teacher_samples)
+from dvp_fast.distill import (RECIPES, FakeScore, StudentRecipe, distill, distill_one, energy_distance,
+                              moment_mismatch, recipe_for, student_sample, teacher_samples)
 
 MU, S = 0.3, 0.2
 GAMMA_MIN, GAMMA_MAX = -6.0, 7.0  # the mnist preset's schedule
@@ -79,58 +79,6 @@ def test_the_moment_term_estimates_the_squared_moment_gaps_without_bias():
         assert sum(draws) / len(draws) == pytest.approx(expected, abs=0.02), expected
     with pytest.raises(ValueError, match="at least 4 rows"):
         moment_mismatch(torch.zeros(3, 2), torch.zeros(2), torch.eye(2))
-
-
-def test_whitening_gives_the_targets_unit_covariance_and_makes_the_energy_distance_affine_invariant():
-    # Targets N(m, C) with variances from 4 to 0.0004 (a direction the plain energy distance barely sees), C
-    # written here through a random rotation. In the whitened coordinates their sample mean is 0 and their
-    # sample covariance I (float64 check); and the whitened energy distance between x and y is the same as
-    # between A x + b and A y + b whitened on A y + b, for any invertible A (which a map built from C^{-1}, or
-    # one that forgot the mean, does not give).
-    generator = torch.Generator().manual_seed(0)
-    rotation = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))[0]
-    scales = torch.tensor([2.0, 1.0, 0.3, 0.1, 0.02], dtype=torch.float64)
-    y = (torch.randn(3000, 5, generator=generator, dtype=torch.float64) * scales @ rotation.T + 0.7).float()
-    white = Whitening(y)(y).double()
-    assert white.mean(0).abs().max() < 1e-4
-    assert torch.allclose(torch.cov(white.T), torch.eye(5, dtype=torch.float64), atol=1e-3)
-    # x: the targets with their smallest direction stretched 1.5 times
-    x = (torch.randn(3000, 5, generator=generator, dtype=torch.float64) * scales * torch.tensor(
-        [1.0, 1.0, 1.0, 1.0, 1.5], dtype=torch.float64) @ rotation.T + 0.7).float()
-    a = torch.randn(5, 5, generator=generator) + 3 * torch.eye(5)
-    b = torch.randn(5, generator=generator)
-    base, moved = Whitening(y), Whitening(y @ a.T + b)
-    whitened = float(energy_distance(base(x), base(y)))
-    assert float(energy_distance(moved(x @ a.T + b), moved(y @ a.T + b))) == pytest.approx(whitened, rel=1e-3)
-    # The stretch is plain in whitened coordinates and all but invisible in the raw ones.
-    raw = float(energy_distance(x, y))
-    assert whitened > 0.01 and raw < 0.1 * whitened, (whitened, raw)
-
-
-def test_the_gaussian_mmd_matches_its_closed_form_between_gaussians():
-    # X ~ N(0, s1^2 I), Y ~ N(m, s2^2 I) in D = 3, kernel exp(-|a - b|^2 / (2 h^2)): E k(X, Y) is
-    # (h^2 / (h^2 + s1^2 + s2^2))^(D/2) exp(-|m|^2 / (2 (h^2 + s1^2 + s2^2))), written here in float64; the
-    # estimate (unbiased, summed over the bandwidths) averages to it, and to 0 for equal distributions.
-    d, s1, s2, shift, bandwidths = 3, 1.0, 0.7, 0.5, (0.5, 2.0)
-
-    def expected_k(v, m2):
-        return sum((h * h / (h * h + v)) ** (d / 2) * math.exp(-m2 / (2 * (h * h + v))) for h in bandwidths)
-
-    expected = (expected_k(2 * s1 ** 2, 0.0) + expected_k(2 * s2 ** 2, 0.0)
-                - 2 * expected_k(s1 ** 2 + s2 ** 2, shift ** 2))
-    generator = torch.Generator().manual_seed(0)
-    offset = torch.tensor([shift, 0.0, 0.0])
-    draws = [float(gaussian_mmd(s1 * torch.randn(500, d, generator=generator),
-                                offset + s2 * torch.randn(500, d, generator=generator), bandwidths)) for _ in range(40)]
-    assert sum(draws) / len(draws) == pytest.approx(expected, rel=0.03), expected
-    same = [float(gaussian_mmd(torch.randn(500, d, generator=generator), torch.randn(500, d, generator=generator),
-                               bandwidths)) for _ in range(40)]
-    assert abs(sum(same) / len(same)) < 0.03 * expected
-    # the median distance of N(0, I) in D = 3: sqrt(2) times the median of a chi with 3 degrees of freedom
-    assert median_distance(torch.randn(2000, d, generator=generator)) == pytest.approx(
-        math.sqrt(2 * 2.3660), rel=0.03)  # chi-square(3) median 2.3660
-    with pytest.raises(ValueError, match="at least 2 rows"):
-        gaussian_mmd(torch.zeros(1, 2), torch.zeros(3, 2), (1.0,))
 
 
 def test_the_reverse_kl_term_descends_the_closed_form_kl_and_vanishes_at_the_teacher():
@@ -362,6 +310,16 @@ def test_by_default_the_4_step_student_has_its_own_recipe_and_explicit_settings_
     distill(small_model(), steps=(2, 4, 8), iterations=7, reverse_kl_weight=0.05, fake_updates=2, batch_size=32,
             teacher_n=64, progress=False)
     assert asked == {8: (7, 0.05, 2), 4: (7, 0.05, 2), 2: (7, 0.0, 1)}  # never a reverse-KL term below 4 steps
+
+
+def test_the_recipe_table_gives_every_step_count_a_recipe():
+    """The listed step counts keep their recipes; any other count gets the default, with the reverse-KL term
+    only from 4 steps on."""
+    assert recipe_for(1).predicts == "x" and recipe_for(1).reverse_kl_weight == 0.0
+    assert recipe_for(4) == RECIPES[4] == StudentRecipe(iterations=1600, reverse_kl_weight=0.3, fake_updates=5)
+    assert recipe_for(3) == StudentRecipe(reverse_kl_weight=0.0) and recipe_for(16) == StudentRecipe()
+    with pytest.raises(Exception):
+        RECIPES[4].iterations = 1  # frozen: a recipe is changed in the table, with its measurement
 
 
 def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Every code block of README.md runs as written.
+"""Every code block of README.md and of the documentation pages (docs/*.md) runs as written.
 
 Python blocks run in order in one namespace; bash blocks run line by line through the entry
 points' own `main` functions. Both run in a temporary folder that holds a tiny trained run at
@@ -23,20 +23,22 @@ from dvp_fast.export import export_main
 from dvp_fast.train import main as train_main
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
+PAGES = [README, *(os.path.join(DOCS, name) for name in sorted(os.listdir(DOCS)) if name.endswith(".md"))]
 ENTRY_POINTS = {"dvp-train": train_main, "dvp-sample": sample_main, "dvp-eval": eval_main, "dvp-export": export_main,
                 "dvp-distill": distill_main}
 
 
-def code_blocks(language: str) -> list[str]:
-    with open(README) as f:
+def code_blocks(language: str, page: str = README) -> list[str]:
+    with open(page) as f:
         text = f.read()
     return re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
 
 
 def bash_commands() -> list[str]:
-    """Commands of the bash blocks: comments dropped, backslash continuations joined."""
+    """Commands of the bash blocks of every page: comments dropped, backslash continuations joined."""
     commands = []
-    for block in code_blocks("bash"):
+    for block in (b for page in PAGES for b in code_blocks("bash", page)):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):
@@ -72,15 +74,28 @@ def workdir(tmp_path_factory):
     return folder
 
 
+def test_every_relative_link_of_the_readme_and_the_docs_exists():
+    """A moved or archived file breaks no link: every relative link target (pictures included) exists."""
+    broken = []
+    for page in PAGES:
+        with open(page) as f:
+            for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", f.read()):
+                if "://" not in target and not os.path.exists(os.path.join(os.path.dirname(page), target)):
+                    broken.append(f"{os.path.basename(page)}: {target}")
+    assert len(PAGES) > 1 and not broken, broken
+
+
 def test_the_readme_has_code_to_run():
     assert code_blocks("python") and bash_commands()
 
 
-def test_python_blocks_run_as_written(workdir, monkeypatch):
+@pytest.mark.parametrize("page", [p for p in PAGES if code_blocks("python", p)], ids=os.path.basename)
+def test_python_blocks_run_as_written(page, workdir, monkeypatch):
+    """A page's Python blocks, in order, in one namespace."""
     monkeypatch.chdir(workdir)
     namespace = {"__name__": "__readme__"}
-    for block in code_blocks("python"):
-        exec(compile(block, "README.md", "exec"), namespace)
+    for block in code_blocks("python", page):
+        exec(compile(block, os.path.basename(page), "exec"), namespace)
 
 
 @pytest.mark.parametrize("command", bash_commands())

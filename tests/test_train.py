@@ -191,6 +191,74 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, tmp_path
     assert "none.npy" in err and ("without native bf16 instructions" in err) is not native
 
 
+def test_each_evaluation_writes_the_layers_and_the_learning_curve(tmp_path):
+    """layers.csv gets u, z_8 .. z_1 at every evaluation (resumed runs drop what came after their step), its
+    KLs add up to the evaluation's, and learning_curve.png is redrawn beside metrics.csv."""
+    from dvp_fast.learning_curve import FIGURE, LAYERS_CSV
+
+    run = str(tmp_path / "run")
+    assert main(["--out", run, "--max-steps", "2", "--eval-every", "1", *FAST]) == 0
+    assert main(["--out", run, "--max-steps", "3", "--eval-every", "1", *FAST]) == 0  # resumed at step 2
+    with open(os.path.join(run, LAYERS_CSV), newline="") as f:
+        layers = list(csv.DictReader(f))
+    assert [r["step"] for r in layers] == [s for s in ("1", "2", "3") for _ in range(9)]
+    assert [r["layer"] for r in layers[:9]] == ["u", "z8", "z7", "z6", "z5", "z4", "z3", "z2", "z1"]
+    assert layers[0]["active_units"] == "" and all(0 <= float(r["active_units"]) <= 1 for r in layers[1:9])
+    with open(os.path.join(run, FIGURE), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_splits_the_kl_and_the_active_units_by_layer():
+    """The per-layer figures of evaluate() against the model's own: the KLs of a batch add up to its total KL
+    (-ELBO = recon + KL, in nats), the per-layer active units are active_units(per_layer=True), and the overall share
+    is the unit-weighted mean of the layers'."""
+    from dvp_fast.train import evaluate
+
+    torch.manual_seed(0)
+    model = DVPVAE.from_preset("mnist", **SMALL).eval()
+    images = (torch.rand(12, 1, 28, 28) * 255).to(torch.uint8)
+    x = images.float() / 127.5 - 1.0
+    with NoRandomness():
+        ev = evaluate(model, images, batch_size=12)
+        out = model(x)
+    kl = ev["layers"]["kl"]
+    assert len(kl) == out.kl.shape[1]
+    torch.testing.assert_close(torch.tensor(kl).sum(), (-out.elbo - out.recon).mean().float(), rtol=1e-4, atol=1e-3)
+    with NoRandomness():
+        per_layer = model.active_units(x, per_layer=True)
+    assert ev["layers"]["active_units"] == pytest.approx(per_layer)
+    sizes = [m.numel() for m in model.active_unit_masks(x)]
+    assert ev["active_units"] == pytest.approx(sum(a * n for a, n in zip(per_layer, sizes)) / sum(sizes))
+
+
+def test_tensorboard_writes_every_row_and_each_evaluation(monkeypatch, tmp_path):
+    import dvp_fast.train as train_mod
+
+    written = []
+
+    class Recorder:
+        def __init__(self, folder):
+            written.append(("folder", folder))
+
+        def scalars(self, row):
+            written.append(("scalars", row["step"], "val_loss" in row))
+
+        def evaluation(self, step, ev, layers, grids):
+            written.append(("evaluation", step, len(layers["kl"]), sorted(grids)))
+
+        def close(self):
+            written.append(("close",))
+
+    monkeypatch.setattr(train_mod, "TensorBoard", Recorder)
+    monkeypatch.setattr(train_mod, "tensorboard_available", lambda: True)
+    assert main(["--out", str(tmp_path / "run"), "--max-steps", "2", "--eval-every", "2", "--tensorboard", *FAST]) == 0
+    assert written == [("folder", str(tmp_path / "run")), ("scalars", 1, False),
+                       ("evaluation", 2, 9, ["reconstructions", "samples"]), ("scalars", 2, True), ("close",)]
+    monkeypatch.setattr(train_mod, "tensorboard_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "other"), "--tensorboard", *FAST])
+
+
 # aten ops that copy a device value to the host: on CUDA each one stalls the step (and breaks capture).
 HOST_READS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero")
 
