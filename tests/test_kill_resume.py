@@ -37,7 +37,8 @@ from dvp_fast.config import model_preset
 from dvp_fast.ops import _cpp_loader
 _cpp_loader.status = lambda: (False, "pinned to the torch fallback by the test")
 train.model_preset = lambda name, **kw: model_preset(name, **{{**{TINY!r}, **kw}})
-train.evaluate = lambda model, images, batch_size, *precision: dict(val_elbo=-100.0, val_loss=1.0, active_units=0.5)
+train.evaluate = lambda model, images, batch_size, *precision: dict(val_elbo=-100.0, val_loss=1.0, active_units=0.5,
+                                                                    layers=dict(kl=[1.0, 2.0], active_units=[0.5]))
 train.save_images = lambda *args, **kwargs: None
 sys.exit(train.main(sys.argv[1:]))
 """

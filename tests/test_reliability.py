@@ -45,8 +45,8 @@ def small_runs(monkeypatch):
     """dvp-train on the small model, with a stub evaluation (the files are what is under test)."""
     real = model_preset
     monkeypatch.setattr(train, "model_preset", lambda name, **kw: real(name, **{**SMALL, **kw}))
-    monkeypatch.setattr(train, "evaluate", lambda m, images, bs, *precision: dict(val_elbo=-100.0, val_loss=1.0,
-                                                                     active_units=0.5))
+    monkeypatch.setattr(train, "evaluate", lambda m, images, bs, *precision: dict(
+        val_elbo=-100.0, val_loss=1.0, active_units=0.5, layers=dict(kl=[1.0, 2.0], active_units=[0.5])))
     monkeypatch.setattr(train, "save_images", lambda *a, **k: None)
 
 
