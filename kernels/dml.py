@@ -32,9 +32,7 @@ _jit_sample = triton.jit(do_not_specialize=["num_pixels"])
 # Launch configurations, "pixels per program x warps". Registers of dml_log_prob_kernel with the
 # gradient (M = 10, fp32) in the sm_90 cubin, read with Triton's cuobjdump, no local memory (spills)
 # in any: triton 3.6: 64x4 179, 64x8 143, 32x4 141; triton 3.8: 168, 139, 108
-# (tests/test_kernels_compile.py measures and checks it). An earlier review reported 255 registers
-# with spills for 64x4 on triton 3.6; the kernel as it is now (rewritten since, to the reference
-# form) does not reproduce that. At 179 registers 64x4 fits two
+# (tests/test_kernels_compile.py measures and checks it). At 179 registers 64x4 fits two
 # 4-warp programs per SM, 32x4 three: the default stays until a GPU measurement (the "triton 32x4"
 # and "triton 64x8" rows of bench/run.py's dml_log_prob case) picks; DVP_FAST_DML_CONFIG picks one
 # for a process. Every configuration here is compiled by tests/test_kernels_compile.py.
