@@ -36,14 +36,15 @@ def code_blocks(language: str, page: str = README) -> list[str]:
 
 
 def bash_commands() -> list[str]:
-    """Commands of the bash blocks of every page: comments dropped, backslash continuations joined."""
+    """Commands of the bash blocks of every page, each once (a page may repeat the README's): comments
+    dropped, backslash continuations joined."""
     commands = []
     for block in (b for page in PAGES for b in code_blocks("bash", page)):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):
                 commands.append(line)
-    return commands
+    return list(dict.fromkeys(commands))
 
 
 def _smaller(argv: list[str]) -> list[str]:
