@@ -88,19 +88,23 @@ def score_samples(judge: Judge, samples: torch.Tensor) -> dict:
                 sample_class_share=shares.max().item(), sample_classes=int((shares > 0.02).sum()))
 
 
-def score_run(run: str, n: int = 500, temperature: float = 1.0, seed: int = 1) -> dict:
-    """The judge's figures for a run's best.pt: reconstruction accuracy on the 500 embedded test digits and
-    the sample figures of n samples at `temperature`."""
-    from dvp_fast import DVPVAE
+def score_model(judge: Judge, model, n: int = 500, temperature: float = 1.0, seed: int = 1) -> dict:
+    """The judge's figures for a model: reconstruction accuracy on the 500 embedded test digits and the
+    sample figures of n samples at `temperature` (after torch.manual_seed(seed))."""
     from dvp_fast.data import load_dataset
 
-    judge = load()
-    model = DVPVAE.from_checkpoint(run).eval()
     images, labels = load_dataset("embedded", "test")
     torch.manual_seed(seed)
     recon = model.reconstruct(images.float() / 127.5 - 1.0)
     accuracy = (probabilities(judge, recon).argmax(1) == labels).double().mean().item()
     return dict(recon_accuracy=accuracy, **score_samples(judge, model.sample(n, temperature=temperature)))
+
+
+def score_run(run: str, n: int = 500, temperature: float = 1.0, seed: int = 1) -> dict:
+    """score_model for a dvp-train run's best.pt."""
+    from dvp_fast import DVPVAE
+
+    return score_model(load(), DVPVAE.from_checkpoint(run).eval(), n, temperature, seed)
 
 
 if __name__ == "__main__":
