@@ -160,7 +160,7 @@ def bench_train_step(quick: bool, clock: str = "wall", preset: str = "mnist", ba
     torch for odd i, so drifts in machine speed hit both alike. Returns rows (as bench_cpp_ops) and a
     summary of the per-pair ratios torch / cpp."""
     from dvp_fast import DVPVAE, train_preset  # noqa: PLC0415  (only this benchmark needs the model)
-    from dvp_fast.train import Trainer  # noqa: PLC0415
+    from dvp_fast.trainer import Trainer  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = DVPVAE.from_preset(preset)

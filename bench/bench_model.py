@@ -28,7 +28,7 @@ import torch
 
 from dvp_fast.config import model_preset, train_preset
 from dvp_fast.model import DVPVAE
-from dvp_fast.train import Trainer
+from dvp_fast.trainer import Trainer
 
 try:
     from . import common

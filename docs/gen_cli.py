@@ -17,7 +17,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli.md")
 WIDTH = "100"  # argparse wraps to $COLUMNS: fixed, so that the page does not depend on the terminal
 # (name, module, entry point), in the order a user meets them.
 COMMANDS = (
-    ("dvp-train", "dvp_fast.train", "main"),
+    ("dvp-train", "dvp_fast.train_cli", "main"),
     ("dvp-sample", "dvp_fast.cli", "sample_main"),
     ("dvp-eval", "dvp_fast.cli", "eval_main"),
     ("dvp-export", "dvp_fast.export", "export_main"),

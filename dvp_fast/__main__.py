@@ -6,7 +6,7 @@ from .checkpoint import upgrade_main
 from .cli import eval_main, sample_main
 from .distill_cli import distill_main
 from .export import export_main
-from .train import main as train_main
+from .train_cli import main as train_main
 
 COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "export": export_main,
             "distill": distill_main, "upgrade-checkpoint": upgrade_main}

@@ -12,7 +12,6 @@ Figure 2 of the paper, as code:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks, evaluation
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import DVPConfig, model_preset
 from .diffusion import DiffusionPrior
@@ -29,19 +29,6 @@ from .priors import MoGPrior, VampPseudoImages, mixture_log_prob
 from .pseudoinput import PseudoInput
 
 LN2 = math.log(2.0)
-
-
-def _positive_int(name: str, value) -> int:
-    """`value` as an int >= 1, or a ValueError naming it (2.5, "8" and True are refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _temperature(value) -> float:
-    if not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -228,7 +215,7 @@ class DVPVAE(nn.Module):
         checkpoints and pretrained folders rebuild it."""
         import dataclasses
 
-        steps = _positive_int("steps", steps)
+        steps = checks.positive_int("steps", steps)
         if not isinstance(self.u_prior, DiffusionPrior):
             raise ValueError("only a model with the diffusion prior over pseudo-inputs has students")
         if predicts not in DiffusionPrior.PREDICTS:
@@ -289,7 +276,7 @@ class DVPVAE(nn.Module):
             raise TypeError(f"images must be a torch.Tensor (N, C, D, D), got {type(images).__name__}")
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise TypeError(f"images must be uint8 in [0, 255] or floating-point in [-1, 1], got dtype {images.dtype}")
-        _positive_int("batch_size", batch_size)
+        checks.positive_int("batch_size", batch_size)
         if images.is_floating_point() and images.numel():
             lo, hi = torch.stack(torch.aminmax(images.detach())).tolist()
             if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -301,43 +288,10 @@ class DVPVAE(nn.Module):
 
     # --- input handling -----------------------------------------------------------------------------
     def _check_images(self, x: torch.Tensor, name: str = "x") -> None:
-        cfg = self.config
-        expected = (cfg.image_channels, cfg.image_size, cfg.image_size)
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape (B, {expected[0]}, {expected[1]}, "
-                            f"{expected[2]}), got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor in [-1, 1], got dtype {x.dtype} "
-                            f"(convert uint8 images with x.float() / 127.5 - 1)")
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected or x.shape[0] == 0:
-            raise ValueError(f"{name} must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}) for the "
-                             f"{cfg.name!r} configuration, got {tuple(x.shape)}")
-        if x.device != self.device:
-            raise ValueError(f"{name} is on {x.device} but the model is on {self.device}")
-        weight_dtype = self.likelihood_head.weight.dtype
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name} has dtype {x.dtype} but the model's weights are {weight_dtype}: convert it "
-                            f"with {name}.to({weight_dtype}) (or run under torch.autocast for mixed precision)")
-        if self.validate_inputs and not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # one host sync for both checks
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(f"{name} contains NaN or infinite values")
-            if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-                raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        checks.model_input(self, x, name)
 
     def _check_target(self, target: torch.Tensor, x: torch.Tensor) -> None:
-        if not isinstance(target, torch.Tensor) or not target.is_floating_point():
-            got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
-            raise TypeError(f"target must be a floating-point tensor like x, got {got}")
-        if target.shape != x.shape or target.device != x.device:
-            raise ValueError(f"target must match x: shape {tuple(x.shape)} on {x.device}, got shape "
-                             f"{tuple(target.shape)} on {target.device}")
-        if self.validate_inputs and not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(target.detach())).tolist()
-            want = (0.0, 1.0) if self.config.likelihood == "bernoulli" else (-1.0, 1.0)
-            if not (want[0] <= lo and hi <= want[1]):  # also false for NaN
-                raise ValueError(f"target must lie in [{want[0]:g}, {want[1]:g}] for the {self.config.likelihood} "
-                                 f"likelihood, got values in [{lo:.4g}, {hi:.4g}]")
+        checks.likelihood_target(self, target, x)
 
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -506,7 +460,7 @@ class DVPVAE(nn.Module):
     @torch.no_grad()
     def decode(self, u: torch.Tensor | None, temperature: float = 1.0, n: int | None = None) -> torch.Tensor:
         """Images (B, C, D, D) in [-1, 1] from pseudo-inputs u (B, C, d, d) through the prior ladder."""
-        temperature = _temperature(temperature)
+        temperature = checks.temperature(temperature)
         if self.pseudo is not None:
             expected = self.pseudo.shape
             if not isinstance(u, torch.Tensor) or u.dim() != 4 or tuple(u.shape[1:]) != expected:
@@ -517,7 +471,7 @@ class DVPVAE(nn.Module):
         elif n is None:
             raise ValueError("a model without pseudo-inputs decodes from the prior: pass u=None and n")
         else:
-            n = _positive_int("n", n)
+            n = checks.positive_int("n", n)
         return self._decode(u, temperature, n if u is None else u.shape[0])
 
     def _decode(self, u: torch.Tensor | None, temperature: float, batch: int, prior_pass=None) -> torch.Tensor:
@@ -545,9 +499,9 @@ class DVPVAE(nn.Module):
         the capture or compilation. It is meant for GPUs: on a CPU the compiled sampler is only
         about 1.2x faster after a compilation of a minute or more (bench/results/).
         """
-        n = _positive_int("n", n)
-        temperature = _temperature(temperature)
-        steps = self.config.sample_steps if steps is None else _positive_int("steps", steps)
+        n = checks.positive_int("n", n)
+        temperature = checks.temperature(temperature)
+        steps = self.config.sample_steps if steps is None else checks.positive_int("steps", steps)
         sampler = self.sampler_for(steps, sampler)
         if compile and self.device.type == "cuda":
             from .sampling import graphed_sampler
@@ -581,104 +535,32 @@ class DVPVAE(nn.Module):
         """n pseudo-inputs u (n, C, d, d) from the diffusion prior, with the sampler `sample` would use."""
         if not isinstance(self.u_prior, DiffusionPrior):
             raise ValueError("only a model with the diffusion prior over pseudo-inputs samples them")
-        steps = self.config.sample_steps if steps is None else _positive_int("steps", steps)
-        return self._sample_u(_positive_int("n", n), _temperature(temperature), steps, self.sampler_for(steps, sampler))
+        steps = self.config.sample_steps if steps is None else checks.positive_int("steps", steps)
+        n, temperature = checks.positive_int("n", n), checks.temperature(temperature)
+        return self._sample_u(n, temperature, steps, self.sampler_for(steps, sampler))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Images decoded from a posterior draw of x: the Bernoulli mean or a DML sample."""
         return self.params_to_images(self.likelihood_params(self.encode(x).z))
 
-    @torch.no_grad()
+    # --- evaluation (dvp_fast/evaluation.py) -----------------------------------------------------------
     def log_weights(self, x: torch.Tensor, target: torch.Tensor, grid_steps: int | None = None) -> torch.Tensor:
-        """Importance log-weights log p(x, z, u) - log q(z, u | x), one draw per row, (B,).
+        """Importance log-weights log p(x, z, u) - log q(z, u | x), one draw per row, (B,)
+        (`dvp_fast.evaluation.log_weights`)."""
+        return evaluation.log_weights(self, x, target, grid_steps)
 
-        -log r_hat(u) is the diffusion bound averaged over a grid of `grid_steps` times
-        (default: config.diffusion_eval_steps), all grid points in one UNet call.
-        """
-        self._check_images(x)
-        self._check_target(target, x)
-        if grid_steps is not None:
-            _positive_int("grid_steps", grid_steps)
-        y = self.pseudo.mean(x) if self.pseudo is not None else None
-        return self._log_weights(self.encoder(self._encoder_input(x)), y, target, grid_steps)
-
-    def _log_weights(self, feats: list[torch.Tensor], y: torch.Tensor | None, target: torch.Tensor,
-                     grid_steps: int | None = None) -> torch.Tensor:
-        log_w = 0.0
-        cond = None
-        if self.pseudo is not None:
-            u, eps = self.pseudo.sample(y)
-            grid = grid_steps or self.config.diffusion_eval_steps
-            log_r, neg_log_prior = self._u_term(u, eps, grid_steps=grid, entropy="sample")
-            log_w = -neg_log_prior - log_r
-            cond = self._condition_pyramid(u)
-        td = self._top_down(feats, cond, log_ratio=True)
-        return log_w + td.log_ratio.sum(1) + self.log_likelihood(target, self.likelihood_params(td.z))
-
-    @torch.no_grad()
     def nll(self, x: torch.Tensor, num_samples: int = 1000, max_rows: int = 4096, progress=None) -> torch.Tensor:
-        """Importance-weighted (IWAE) estimate of -log p(x), (B,) nats.
+        """Importance-weighted (IWAE) estimate of -log p(x), (B,) nats, from `num_samples` draws in chunks
+        of at most `max_rows` rows (`dvp_fast.evaluation.iwae_nll`)."""
+        return evaluation.iwae_nll(self, x, num_samples, max_rows, progress)
 
-        Each image is binarised once (Bernoulli) and encoded once (the encoder and f(x) are
-        deterministic); `num_samples` draws of (u, z) are then processed in chunks of at most
-        `max_rows` rows, with a streaming logsumexp on the device. `progress(rows)`, if given,
-        is called after each chunk with the number of (image, draw) rows it held.
-        Cost: 8 to 25 ms per row on two CPU cores for the mnist preset (as the README says), so
-        1000 draws of 64 images take 9 to 27 minutes there; `bench/` measures it per device.
-        """
-        self._check_images(x)
-        num_samples = _positive_int("num_samples", num_samples)
-        max_rows = _positive_int("max_rows", max_rows)
-        batch = x.shape[0]
-        target = self.likelihood_target(x)
-        feats = self.encoder(self._encoder_input(x))
-        y = self.pseudo.mean(x) if self.pseudo is not None else None
-        per_chunk = max(1, int(max_rows) // batch)
-        running = torch.full((batch,), -math.inf, device=x.device)
-        for start in range(0, num_samples, per_chunk):
-            k = min(per_chunk, num_samples - start)
-            rep = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # rows b*k..b*k+k-1: image b
-            log_w = self._log_weights([rep(f) for f in feats], rep(y), rep(target)).view(batch, k)
-            running = torch.logaddexp(running, torch.logsumexp(log_w, dim=1))
-            if progress is not None:
-                progress(batch * k)
-        return -(running - math.log(num_samples))
-
-    @torch.no_grad()
     def active_units(self, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 500,
                      per_layer: bool = False):
-        """Fraction of latent units z_1..z_L whose posterior mean varies over x by more than `threshold`.
+        """Fraction of latent units whose posterior mean varies over x by more than `threshold` (Eq. 23-24):
+        a float, or per layer (z_L first) with per_layer=True (`dvp_fast.evaluation.active_units`)."""
+        return evaluation.active_units(self, x, threshold, batch_size, per_layer)
 
-        A_u = Cov_x(E_q[z_u]) > delta (Eq. 23-24), with the variance taken over the whole of x
-        (not per batch), each posterior mean given one draw of the layers above.
-        Returns a float, or a list of per-layer fractions (z_L first) with per_layer=True.
-        """
-        active = self.active_unit_masks(x, threshold, batch_size)
-        if per_layer:
-            return [a.double().mean().item() for a in active]
-        return torch.cat(active).double().mean().item()
-
-    @torch.no_grad()
     def active_unit_masks(self, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 500) -> list[torch.Tensor]:
         """active_units' per-unit decisions: one boolean tensor per latent layer (z_L first), flattened."""
-        self._check_images(x)
-        batch_size = _positive_int("batch_size", batch_size)
-        if not isinstance(threshold, numbers.Real) or math.isnan(threshold):
-            raise ValueError(f"threshold must be a number, got {threshold!r}")
-        sums = squares = None
-        count = 0
-        for start in range(0, x.shape[0], batch_size):
-            chunk = x[start:start + batch_size]
-            cond = None
-            if self.pseudo is not None:
-                cond = self._condition_pyramid(self.pseudo.sample(self.pseudo.mean(chunk))[0])
-            mus = self._top_down(self.encoder(self._encoder_input(chunk)), cond).mu_q
-            flat = [m.double().flatten(1) for m in mus]
-            s = [f.sum(0) for f in flat]
-            q = [f.pow(2).sum(0) for f in flat]
-            sums = s if sums is None else [a + b for a, b in zip(sums, s)]
-            squares = q if squares is None else [a + b for a, b in zip(squares, q)]
-            count += chunk.shape[0]
-        variances = [sq / count - (sm / count) ** 2 for sm, sq in zip(sums, squares)]
-        return [(v > threshold) for v in variances]
+        return evaluation.active_unit_masks(self, x, threshold, batch_size)

@@ -60,7 +60,7 @@ def _auto_device_is_the_cpu(request, monkeypatch):
     if request.node.get_closest_marker("cuda"):
         return
     import dvp_fast.cli as cli
-    import dvp_fast.train as train
+    import dvp_fast.train_cli as train
 
     cli_device, train_device = cli._device, train._device
     monkeypatch.setattr(cli, "_device", lambda name: cli_device("cpu" if name == "auto" else name))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dvp_fast.cli import eval_main, sample_main
-from dvp_fast.train import main as train_main
+from dvp_fast.train_cli import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_do(run_dir, capsys):
 
 
 def test_the_end_of_run_line_gives_both_losses_in_bits_per_dim():
-    from dvp_fast.train import _summary_line
+    from dvp_fast.train_cli import _summary_line
 
     line = _summary_line(160, 16, 151.2, (0.2031, 10), dict(val_loss=0.2107, active_units=0.93), 0.2101, 150, 0)
     assert line == ("done: 160 steps (10.0 epochs) in 151 s; loss in bits/dim: training 0.2031 (mean of the last 10 "

@@ -15,7 +15,7 @@ from dvp_fast import DVPVAE
 from dvp_fast.config import train_preset
 from dvp_fast.data import DeviceBatches
 from dvp_fast.ops import use_backend
-from dvp_fast.train import Trainer, _compile_blocks
+from dvp_fast.trainer import Trainer, compile_blocks
 from helpers import SMALL, NoRandomness
 
 DRY = os.environ.get("DVP_FAST_CUDA_TESTS_ON_CPU") == "1"
@@ -132,7 +132,7 @@ def test_compiled_and_graphed_steps_match_eager(cuda_graphs, no_tf32):
     for mode in ("eager", "compiled"):
         model = make_model("cifar10")
         if mode == "compiled":
-            _compile_blocks(model, cuda_graphs=cuda_graphs)
+            compile_blocks(model, cuda_graphs=cuda_graphs)
         trainer = Trainer(model, train_preset("cifar10", batch_size=6), steps_per_epoch=10)
         x = images("cifar10", 6)
         with NoRandomness():

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from dvp_fast import DVPVAE
 from dvp_fast.config import train_preset
-from dvp_fast.train import Trainer
+from dvp_fast.trainer import Trainer
 from helpers import SMALL, NoRandomness
 
 def _free_port() -> int:

@@ -325,7 +325,7 @@ def test_the_recipe_table_gives_every_step_count_a_recipe():
 def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path, capsys):
     from dvp_fast.cli import sample_main
     from dvp_fast.distill_cli import distill_main
-    from dvp_fast.train import main as train_main
+    from dvp_fast.train_cli import main as train_main
 
     run = str(tmp_path / "run")
     assert train_main(["--out", run, "--max-steps", "1", "--batch-size", "10", "--no-progress"]) == 0

@@ -6,7 +6,7 @@ metrics.csv and config.json parse), and the same command is then re-run to the e
 must resume from the last complete checkpoint, clean up the dead writer's temporary file,
 log every step exactly once and end with the losses and weights of an uninterrupted run.
 
-The processes run dvp_fast.train's own main() on a tiny model with the torch ops, with
+The processes run dvp_fast.train_cli's own main() on a tiny model with the torch ops, with
 evaluation stubbed (the run folder, not the model's quality, is under test), so the test
 takes one to two minutes on two busy CPU cores.
 """
@@ -32,15 +32,17 @@ ARGS = ["--max-steps", str(STEPS), "--checkpoint-every", "1", "--batch-size", "5
 # and a run compared bit for bit with another must not straddle two builds.
 RUNNER = f"""
 import sys
+import dvp_fast.run_folder as run_folder
 import dvp_fast.train as train
+import dvp_fast.train_cli as train_cli
 from dvp_fast.config import model_preset
 from dvp_fast.ops import _cpp_loader
 _cpp_loader.status = lambda: (False, "pinned to the torch fallback by the test")
-train.model_preset = lambda name, **kw: model_preset(name, **{{**{TINY!r}, **kw}})
+train_cli.model_preset = lambda name, **kw: model_preset(name, **{{**{TINY!r}, **kw}})
 train.evaluate = lambda model, images, batch_size, *precision: dict(val_elbo=-100.0, val_loss=1.0, active_units=0.5,
                                                                     layers=dict(kl=[1.0, 2.0], active_units=[0.5]))
-train.save_images = lambda *args, **kwargs: None
-sys.exit(train.main(sys.argv[1:]))
+run_folder.save_images = lambda *args, **kwargs: None
+sys.exit(train_cli.main(sys.argv[1:]))
 """
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]

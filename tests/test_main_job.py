@@ -17,7 +17,7 @@ import torch
 
 from dvp_fast import DVPVAE
 from dvp_fast.data import load_dataset
-from dvp_fast.train import main as train_main
+from dvp_fast.train_cli import main as train_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import judge as judge_module  # noqa: E402  tests/judge.py

@@ -282,7 +282,7 @@ def test_r_logvar_outside_its_range_still_gets_a_gradient_and_is_projected_back(
     """The reference projects r(u|x)'s log-variance into [-12, -5] (clamps the parameter itself),
     so a value that left the range keeps a gradient; a clamp inside the graph would give it none."""
     from dvp_fast.config import train_preset
-    from dvp_fast.train import Trainer
+    from dvp_fast.trainer import Trainer
 
     torch.manual_seed(0)
     model = DVPVAE.from_preset("mnist", num_ch=8, latent_scales=(1, 1), pseudoinput_logvar=logvar)

@@ -20,7 +20,7 @@ from dvp_fast.cli import eval_main, sample_main
 from dvp_fast.data import load_images
 from dvp_fast.distill_cli import distill_main
 from dvp_fast.export import export_main
-from dvp_fast.train import main as train_main
+from dvp_fast.train_cli import main as train_main
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")

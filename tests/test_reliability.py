@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-import dvp_fast.train as train
+import dvp_fast.run_folder as run_folder
+import dvp_fast.train as loop
+import dvp_fast.train_cli as train
 from dvp_fast import DVPVAE, ops
 from dvp_fast.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, remove_stale_temporaries,
                                  save_checkpoint)
@@ -45,9 +47,9 @@ def small_runs(monkeypatch):
     """dvp-train on the small model, with a stub evaluation (the files are what is under test)."""
     real = model_preset
     monkeypatch.setattr(train, "model_preset", lambda name, **kw: real(name, **{**SMALL, **kw}))
-    monkeypatch.setattr(train, "evaluate", lambda m, images, bs, *precision: dict(
+    monkeypatch.setattr(loop, "evaluate", lambda m, images, bs, *precision: dict(
         val_elbo=-100.0, val_loss=1.0, active_units=0.5, layers=dict(kl=[1.0, 2.0], active_units=[0.5])))
-    monkeypatch.setattr(train, "save_images", lambda *a, **k: None)
+    monkeypatch.setattr(run_folder, "save_images", lambda *a, **k: None)
 
 
 def one_error_line(capsys) -> str:
@@ -373,7 +375,7 @@ def test_read_only_out_is_refused_before_training(small_runs, monkeypatch, tmp_p
 
 def test_a_nearly_full_disk_is_refused_before_training(small_runs, monkeypatch, tmp_path, capsys):
     usage = shutil.disk_usage(tmp_path)._replace(free=1 << 18)
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: usage)
     out = str(tmp_path / "run")
     assert train.main(["--out", out, "--max-steps", "1", *FAST]) == 2
     err = one_error_line(capsys)
@@ -520,7 +522,7 @@ def test_a_huge_learning_rate_is_survived_by_skipping_and_reported(small_runs, t
 
 
 def test_a_run_that_keeps_diverging_stops_with_one_line(small_runs, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(train, "MAX_CONSECUTIVE_SKIPS", 2)
+    monkeypatch.setattr(loop, "MAX_CONSECUTIVE_SKIPS", 2)
     out = str(tmp_path / "run")
     assert train.main(["--out", out, "--max-steps", "6", "--lr", "1e6", *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -18,7 +18,7 @@ from dvp_fast import DVPVAE
 from dvp_fast.checkpoint import CheckpointError, load_checkpoint, upgrade_main as checkpoint_main
 from dvp_fast.cli import eval_main, sample_main
 from dvp_fast.export import export_main
-from dvp_fast.train import main as train_main
+from dvp_fast.train_cli import main as train_main
 
 RUN = ["--batch-size", "10", "--max-steps", "2", "--eval-every", "2", "--no-progress", "--seed", "5"]
 

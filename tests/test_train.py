@@ -8,7 +8,8 @@ import torch
 from dvp_fast import DVPVAE
 from dvp_fast.checkpoint import CheckpointError, load_checkpoint
 from dvp_fast.config import train_preset
-from dvp_fast.train import Trainer, _compile_blocks, main
+from dvp_fast.train_cli import main
+from dvp_fast.trainer import Trainer, compile_blocks
 from helpers import SMALL, NoRandomness
 
 FAST = ["--batch-size", "50", "--log-every", "1", "--no-progress", "--seed", "3"]
@@ -105,7 +106,7 @@ def test_bf16_and_compiled_steps_match_the_eager_fp32_step():
         model = DVPVAE.from_preset("mnist", **SMALL)
         model.validate_inputs = False
         if mode == "compiled":
-            _compile_blocks(model)
+            compile_blocks(model)
         trainer = Trainer(model, train_preset("mnist"), steps_per_epoch=10,
                           precision="bf16" if mode == "bf16" else "fp32")
         with NoRandomness():
@@ -122,7 +123,7 @@ def test_bf16_and_compiled_steps_match_the_eager_fp32_step():
 def test_ema_update_is_the_exponential_average(monkeypatch, one_kernel):
     """The average after each update, against a float64 recursion with the warm-up written out:
     decay_n = min(decay, (1 + n) / (10 + n)) after n applied (not skipped) updates."""
-    import dvp_fast.train as train_mod
+    import dvp_fast.trainer as train_mod
 
     monkeypatch.setattr(train_mod, "_FOREACH_LERP_TAKES_A_TENSOR", one_kernel and train_mod._FOREACH_LERP_TAKES_A_TENSOR)
     model = torch.nn.Linear(3, 2)
@@ -154,7 +155,7 @@ def test_compiled_blocks_have_static_shapes(monkeypatch, cuda_graphs):
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: calls.append((type(self).__name__, a, kw)))
     model = DVPVAE.from_preset("mnist", **SMALL)
-    _compile_blocks(model, cuda_graphs=cuda_graphs)
+    compile_blocks(model, cuda_graphs=cuda_graphs)
     expected = (len(model.encoder.scales) + len(model.blocks) + sum(not b.last for b in model.blocks)
                 + int(hasattr(model.u_prior, "unet")))
     assert len(calls) == expected > 0
@@ -165,7 +166,7 @@ def test_compiled_blocks_have_static_shapes(monkeypatch, cuda_graphs):
 def test_dvp_train_compile_compiles_the_ema_model_that_evaluation_runs(monkeypatch, tmp_path):
     """--compile compiles the training model's blocks and, separately, the EMA copy's: a deep copy of a
     compiled module runs eager (Module.compile's call is not copied)."""
-    import dvp_fast.train as train_mod
+    import dvp_fast.train_cli as train_mod
 
     compiled, trainers = [], []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: compiled.append(self))
@@ -180,7 +181,7 @@ def test_dvp_train_compile_compiles_the_ema_model_that_evaluation_runs(monkeypat
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, tmp_path, capsys, native):
     """--precision bf16 on a CPU without AVX512-BF16/AMX: oneDNN has no bf16 convolution there and aten's
     slow one runs instead (8x slower than fp32, bench/results/cpu-bf16-2026-12-07.md); auto stays fp32."""
-    import dvp_fast.train as train_mod
+    import dvp_fast.trainer as train_mod
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     assert train_mod.resolve_precision("auto", torch.device("cpu")) == "fp32"
@@ -232,7 +233,8 @@ def test_evaluate_splits_the_kl_and_the_active_units_by_layer():
 
 
 def test_tensorboard_writes_every_row_and_each_evaluation(monkeypatch, tmp_path):
-    import dvp_fast.train as train_mod
+    import dvp_fast.run_folder as run_folder
+    import dvp_fast.train_cli as train_cli
 
     written = []
 
@@ -249,12 +251,12 @@ def test_tensorboard_writes_every_row_and_each_evaluation(monkeypatch, tmp_path)
         def close(self):
             written.append(("close",))
 
-    monkeypatch.setattr(train_mod, "TensorBoard", Recorder)
-    monkeypatch.setattr(train_mod, "tensorboard_available", lambda: True)
+    monkeypatch.setattr(run_folder, "TensorBoard", Recorder)
+    monkeypatch.setattr(train_cli, "tensorboard_available", lambda: True)
     assert main(["--out", str(tmp_path / "run"), "--max-steps", "2", "--eval-every", "2", "--tensorboard", *FAST]) == 0
     assert written == [("folder", str(tmp_path / "run")), ("scalars", 1, False),
                        ("evaluation", 2, 9, ["reconstructions", "samples"]), ("scalars", 2, True), ("close",)]
-    monkeypatch.setattr(train_mod, "tensorboard_available", lambda: False)
+    monkeypatch.setattr(train_cli, "tensorboard_available", lambda: False)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "other"), "--tensorboard", *FAST])
 
@@ -353,14 +355,14 @@ def test_gradients_stay_views_of_one_buffer_that_one_fill_zeroes():
 
 def test_every_compiled_module_is_entered_through_call():
     """Module.compile only replaces __call__: a module the model reaches through its methods stays
-    eager. Every module _compile_blocks compiles must run (its forward hooks fire) in a training
+    eager. Every module compile_blocks compiles must run (its forward hooks fire) in a training
     forward and in sampling. Before the fix the model called block.prior/posterior/update and no
     decoder block's hook fired (issue 15, item 1)."""
     compiled = []
     model = DVPVAE.from_preset("mnist", **SMALL)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: compiled.append(self))
-        _compile_blocks(model)
+        compile_blocks(model)
     encoder = {id(m) for m in model.encoder.scales}
     assert len(compiled) > len(encoder)
     for run, needs_encoder in ((lambda: model(torch.rand(2, 1, 28, 28) * 2 - 1), True),
@@ -373,3 +375,31 @@ def test_every_compiled_module_is_entered_through_call():
             h.remove()
         expected = {i for i, m in enumerate(compiled) if needs_encoder or id(m) not in encoder}
         assert entered == expected, [type(compiled[i]).__name__ for i in expected - entered]
+
+
+def test_fit_and_dvp_train_give_the_same_losses_for_one_seed(tmp_path):
+    """fit and dvp-train run one training loop: from the same initial weights, seed and images, the logged
+    losses and gradient norm, the validation figures and the final EMA weights agree."""
+    import numpy as np
+
+    from dvp_fast.data import load_images
+    from dvp_fast.rng import seed_everything
+    from dvp_fast.train import fit
+
+    images = load_images("embedded", "train")[:300]
+    np.save(tmp_path / "digits.npy", images.numpy())
+    out = str(tmp_path / "run")
+    argv = ["--data", f"npy:{tmp_path / 'digits.npy'}", "--out", out, "--max-steps", "4", "--batch-size", "30",
+            "--log-every", "4", "--eval-every", "4", "--no-progress", "--seed", "5"]
+    assert main(argv) == 0
+    seed_everything(5)  # dvp-train draws the initial weights right after seeding
+    model = DVPVAE.from_preset("mnist")
+    torch.randn(1000)  # training starts from the seed whatever the caller drew since
+    result = fit(model, images, max_steps=4, batch_size=30, seed=5, progress=False)
+    cli_row, fit_row = rows(out)[-1], result["history"][-1]
+    assert cli_row["step"] == "4" and fit_row["step"] == 4
+    for key in ("loss", "elbo", "recon", "kl", "grad_norm", "val_loss", "val_elbo"):
+        assert float(cli_row[key]) == pytest.approx(fit_row[key], rel=5e-6), key  # metrics.csv: 6 digits
+    ema = load_checkpoint(os.path.join(out, "last.pt"))["ema"]
+    weights = model.state_dict()
+    assert all(torch.equal(value, weights[name]) for name, value in ema.items())
