@@ -33,7 +33,6 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import time
 import urllib.request
 import warnings
@@ -42,6 +41,7 @@ import zlib
 import numpy as np
 import torch
 
+from .atomic import atomic_write_bytes
 from .userdata import USER_SPLITS, is_user_source, load_user_images, user_split
 
 DATASETS = ("embedded", "mnist", "omniglot", "cifar10")
@@ -100,22 +100,6 @@ def _check_md5(path: str, content: bytes, expected: str) -> None:
         raise ValueError(f"{path}: checksum mismatch: the MD5 of its (decompressed) content is {got}, expected "
                          f"{expected} for the standard file. It is corrupt or not the standard file: delete it "
                          f"and fetch it again")
-
-
-def _atomic_write(path: str, content: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _fetch(urls: list[str]) -> tuple[str, bytes]:
@@ -192,7 +176,7 @@ def _download_mnist(folder: str) -> None:
         except OSError as exc:
             raise _no_network_error("mnist", folder, [n + ".gz" for n, _ in missing[i:]], str(exc)) from exc
         _check_md5(url, _gunzip(body, url), md5)
-        _atomic_write(os.path.join(folder, name + ".gz"), body)
+        atomic_write_bytes(os.path.join(folder, name + ".gz"), body)
 
 
 def load_mnist_file(root: str, part: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +250,7 @@ def load_omniglot_file(root: str, part: str, download: bool = False) -> tuple[np
             _, body = _fetch([OMNIGLOT_URL])
         except OSError as exc:
             raise _no_network_error("omniglot", os.path.dirname(path), [OMNIGLOT_FILE], str(exc)) from exc
-        _atomic_write(path + ".download", body)
+        atomic_write_bytes(path + ".download", body)
         try:
             for p in OMNIGLOT_KEYS:  # structural check of the download before it takes the real name
                 load_omniglot_file(path + ".download", p)
@@ -398,7 +382,7 @@ def _download_cifar(folder: str) -> None:
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"{CIFAR_URL}: corrupt archive ({exc})") from exc
     for name, content in contents.items():  # written by us, never extracted by path: no traversal
-        _atomic_write(os.path.join(folder, name), content)
+        atomic_write_bytes(os.path.join(folder, name), content)
 
 
 def load_cifar10_file(root: str, part: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -736,7 +720,7 @@ def fit_scale_cached(model, images: torch.Tensor, dataset: str, split: str = "tr
     buffer = io.BytesIO()
     torch.save({"key": key, "scale": scale.detach().float().cpu(), "created": time.time()}, buffer)
     try:
-        _atomic_write(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:
         warnings.warn(f"could not write the normaliser cache {path}: {exc}")
     return scale

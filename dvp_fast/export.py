@@ -15,7 +15,7 @@ import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .cli import OneLineParser, _run, file_sha256, read_evaluations
-from .data import _atomic_write
+from .atomic import atomic_write_bytes
 from .model import DVPVAE
 from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from .userdata import is_user_source
@@ -127,7 +127,7 @@ def export(args) -> None:
         raise FileExistsError(f"--out {out} {what}: choose a new folder")
     summary = run_summary(path, payload, ema=not args.raw_weights)
     model.save_pretrained(out, metadata=summary)
-    _atomic_write(os.path.join(out, CARD_NAME), model_card(summary, out).encode())
+    atomic_write_bytes(os.path.join(out, CARD_NAME), model_card(summary, out).encode())
     print(f"dvp-export: {os.path.join(out, '')} holds {', '.join(OUR_FILES)} ({summary['weights']} weights of "
           f"{path}, step {summary['steps']}); load it with DVPVAE.from_pretrained({out!r})")
 
