@@ -18,7 +18,7 @@ from .cli import OneLineParser, _run, file_sha256, read_evaluations
 from .atomic import atomic_write_bytes
 from .model import DVPVAE
 from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
-from .userdata import is_user_source
+from .data import is_user_source
 
 OUR_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 DATA_TEXT = {
