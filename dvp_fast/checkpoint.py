@@ -23,25 +23,14 @@ import zipfile
 
 import torch
 
+from .atomic import atomic_write, fsync_dir
+
 FORMAT_VERSION = 2
 LAST, BEST = "last.pt", "best.pt"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, corrupt, truncated or of an unknown format."""
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _temporary_name(path: str, pid: int) -> str:
@@ -59,21 +48,11 @@ def save_checkpoint(payload: dict, path: str) -> None:
     tmp = _temporary_name(path, os.getpid())
     payload = {"format_version": FORMAT_VERSION, **payload}
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            kept = "the previous one is untouched" if os.path.exists(path) else "no earlier one exists"
-            raise OSError(exc.errno, f"cannot write checkpoint {path} ({exc.strerror or exc}); {kept}") from exc
-        raise
-    _fsync_dir(folder)
+        atomic_write(path, lambda f: torch.save(payload, f), tmp=tmp)
+    except OSError as exc:
+        kept = "the previous one is untouched" if os.path.exists(path) else "no earlier one exists"
+        raise OSError(exc.errno, f"cannot write checkpoint {path} ({exc.strerror or exc}); {kept}") from exc
+    fsync_dir(folder)
 
 
 def _pid_alive(pid: int) -> bool:

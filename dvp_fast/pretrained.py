@@ -13,7 +13,7 @@ import re
 
 
 from .checkpoint import CheckpointError
-from .data import _atomic_write
+from .atomic import atomic_write_bytes
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -47,8 +47,8 @@ def save_pretrained(model, folder: str, metadata: dict | None = None) -> list[st
     if metadata:
         config["training"] = metadata
     paths = [os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)]
-    _atomic_write(paths[0], weights)
-    _atomic_write(paths[1], (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write_bytes(paths[0], weights)
+    atomic_write_bytes(paths[1], (json.dumps(config, indent=2) + "\n").encode())
     return paths
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import threading
 
 import torch
 
+from .atomic import atomic_write
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, require_keys, save_checkpoint
 from .config import DVPConfig, TrainConfig
 from .images import save_grid
@@ -53,14 +55,11 @@ class MetricsCSV:
         self._rewrite(kept)
 
     def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, lambda f: f.write(text.getvalue().encode()), tmp=self.path + ".tmp")
 
     def append(self, row: dict) -> None:
         try:
@@ -246,10 +245,7 @@ class StopRequests:
 
 
 def write_json(path: str, content: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(content, indent=2).encode()), tmp=path + ".tmp")
 
 
 

@@ -36,6 +36,7 @@ from .cli import OneLineParser, report_error
 from .config import PRESETS, DVPConfig, model_preset, train_preset
 from .model import DVPVAE
 from .ops import backend_available
+from .pseudoinput_cache import fit_scale_cached
 from .run_folder import (NewRunFolder, RunFolder, StopRequests, Stopped, check_free_space, check_writable,
                          load_resume, lock_run_folder, write_json)
 from .tensorboard_log import tensorboard_available
@@ -232,7 +233,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
         backend_available("cpp")  # of their own ("building", how long it took), not inside step 1's progress bar
     if resume is None and model.pseudo is not None and mcfg.pseudoinput_type == "dct":
         fit_start = time.perf_counter()
-        datasets.fit_scale_cached(model, train_images, args.data, "train")
+        fit_scale_cached(model, train_images, args.data, "train")
         if is_main and time.perf_counter() - fit_start > 2.0:
             print(f"dvp-train: fitted the DCT normaliser S on {train_images.shape[0]} images in "
                   f"{time.perf_counter() - fit_start:.0f} s (cached for the next run)", flush=True)

