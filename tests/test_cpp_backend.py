@@ -37,7 +37,7 @@ DTYPES = list(TOL)
 @pytest.fixture(scope="module")
 def cpp():
     """The cpp backend; fails (not skips) when a toolchain is present but the build does not work."""
-    ok, why = _backend._availability("cpp")
+    ok, why = _backend.availability("cpp")
     if not ok:
         import shutil
 
@@ -468,7 +468,7 @@ def test_auto_uses_cpp_for_cpu_tensors(cpp):
 def test_missing_toolchain_warns_once_and_raises(cpp, monkeypatch, tmp_path, missing):
     import torch.utils.cpp_extension as ext
 
-    from dvp_fast.ops import cpp_backend
+    from dvp_fast.ops import cpp_build
 
     monkeypatch.setenv("DVP_FAST_CACHE", str(tmp_path))  # nothing built there yet
     if missing == "compiler":
@@ -484,12 +484,12 @@ def test_missing_toolchain_warns_once_and_raises(cpp, monkeypatch, tmp_path, mis
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ImportError, match=re.escape(reason)):
-            cpp_backend.build_and_load()
+            cpp_build.build_and_load()
     assert len(caught) == 1 and reason in str(caught[0].message), [str(w.message) for w in caught]
 
 
 def test_compile_error_shows_the_compiler_message(cpp, monkeypatch, tmp_path):
-    from dvp_fast.ops import cpp_backend
+    from dvp_fast.ops import cpp_build
 
     src = tmp_path / "src"
     src.mkdir()
@@ -498,7 +498,7 @@ def test_compile_error_shows_the_compiler_message(cpp, monkeypatch, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ImportError, match="deliberately broken kernel source"):
-            cpp_backend.build_and_load(src, name="dvp_fast_broken_probe")
+            cpp_build.build_and_load(src, name="dvp_fast_broken_probe")
     assert len(caught) == 1 and "deliberately broken" in str(caught[0].message)
 
 
@@ -507,12 +507,12 @@ def test_build_key_depends_on_contents_not_on_install_paths(cpp, monkeypatch, tm
     build directory; another source, torch version or instruction set gets its own."""
     import shutil
 
-    from dvp_fast.ops import cpp_backend
+    from dvp_fast.ops import cpp_build
 
     copies = [tmp_path / "checkout" / "csrc", tmp_path / "venv" / "site-packages" / "dvp_fast" / "csrc"]
     for copy in copies:
-        shutil.copytree(cpp_backend.source_dir(), copy)
-    key = lambda src: cpp_backend.build_settings(src, tmp_path / "cache")[3]  # noqa: E731
+        shutil.copytree(cpp_build.source_dir(), copy)
+    key = lambda src: cpp_build.build_settings(src, tmp_path / "cache")[3]  # noqa: E731
     reference = key(copies[0])
     assert key(copies[1]) == reference
     with monkeypatch.context() as m:  # the same torch installed in another environment
@@ -521,9 +521,9 @@ def test_build_key_depends_on_contents_not_on_install_paths(cpp, monkeypatch, tm
     with monkeypatch.context() as m:
         m.setattr(torch, "__version__", torch.__version__ + ".post1")
         assert key(copies[0]) != reference
-    other_isa = "avx2" if cpp_backend._isa_flags()[0] == "base" else "base"
+    other_isa = "avx2" if cpp_build._isa_flags()[0] == "base" else "base"
     with monkeypatch.context() as m:
-        m.setattr(cpp_backend, "_isa_flags", lambda: (other_isa, []))
+        m.setattr(cpp_build, "_isa_flags", lambda: (other_isa, []))
         assert key(copies[0]) != reference
     (copies[1] / "dct.cpp").write_text((copies[1] / "dct.cpp").read_text() + "// changed\n")
     assert key(copies[1]) != reference
@@ -588,7 +588,7 @@ def test_concurrent_first_builds_share_the_cache(cpp, tmp_path):
     code = f"""
         import ctypes, os, sys, time
         from pathlib import Path
-        from dvp_fast.ops.cpp_backend import build_and_load
+        from dvp_fast.ops.cpp_build import build_and_load
         barrier, peers = Path({str(barrier)!r}), int(sys.argv[1])
         (barrier / str(os.getpid())).touch()
         while len(list(barrier.iterdir())) < peers:  # start building together
@@ -643,9 +643,9 @@ def test_sources_use_no_cxx20_only_features():
 def test_build_flags_leave_the_language_standard_to_torch(cpp, tmp_path):
     """torch's extension builder passes its own -std (c++17 in 2.11, c++20 in 2.13+); a second one
     of ours would override it and break either the older or the newer torch's headers."""
-    from dvp_fast.ops import cpp_backend
+    from dvp_fast.ops import cpp_build
 
-    _, cflags, ldflags, _ = cpp_backend.build_settings(cpp_backend.source_dir(), tmp_path)
+    _, cflags, ldflags, _ = cpp_build.build_settings(cpp_build.source_dir(), tmp_path)
     assert not [f for f in cflags + ldflags if f.startswith(("-std=", "/std:"))]
 
 
