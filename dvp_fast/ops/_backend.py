@@ -223,10 +223,8 @@ def implements(op: str, backend: str) -> bool:
 
 def implementation(op: str, backend: str) -> Callable:
     """The function implementing `op` on `backend`, loading the backend if nothing asked for it yet."""
-    impls = _REGISTRY.get(op)
-    if impls is None or backend not in impls:
-        ok, why = availability(backend)
-        if not ok:
-            raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
-        impls = _REGISTRY[op]
-    return impls[backend]
+    # Availability first, always: under torch.compile, the registry must be read after the load fills it.
+    ok, why = availability(backend)
+    if not ok:
+        raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
+    return _REGISTRY[op][backend]
