@@ -297,7 +297,7 @@ def timed_backends(device: torch.device) -> tuple[list[str], list[str]]:
 
     names, notes = ["torch"], []
     for name, wanted in (("cpp", "cpu"), ("triton", "cuda")):
-        ok, why = _backend._availability(name)
+        ok, why = _backend.availability(name)
         if not ok:
             notes.append(f"backend {name} not available: {why}")
         elif device.type != wanted:
@@ -333,6 +333,8 @@ def record_dispatch():
     from dvp_fast.ops import _backend
 
     seen: set[tuple[str, str]] = set()
+    for backend in ("torch", "cpp", "triton"):  # load them all first: only loaded implementations can be wrapped
+        _backend.availability(backend)
     saved = {op: dict(impls) for op, impls in _backend._REGISTRY.items()}
 
     def wrap(op, backend, fn):

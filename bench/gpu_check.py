@@ -144,13 +144,13 @@ def probe() -> int:
     import torch
 
     from dvp_fast import __file__ as package_file, ops
-    from dvp_fast.ops._backend import _availability
+    from dvp_fast.ops._backend import availability
 
     print(f"dvp_fast from {os.path.dirname(package_file)}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
           f"numpy {numpy.__version__}; CUDA device: "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", flush=True)
     for backend in ("triton", "cpp"):
-        ok, why = _availability(backend)
+        ok, why = availability(backend)
         print(f"backend {backend}: {'available' if ok else 'NOT available: ' + why}", flush=True)
     if torch.cuda.is_available() and not ops.backend_available("triton"):
         print("gpu_check: error: CUDA is here but the Triton backend is not: every later stage would run the torch "

@@ -1,5 +1,5 @@
 // Registers the kernels as torch operators torch.ops.dvp_fast_cpp.* (CPU only). The autograd
-// wiring and the fake (shape-only) implementations live in dvp_fast/ops/cpp_backend.py.
+// wiring and the fake (shape-only) implementations live in dvp_fast/ops/<op>_cpp.py.
 // TORCH_LIBRARY instead of pybind11 keeps the build light: torch/extension.h alone takes ~35 s
 // to compile, torch/library.h ~5 s.
 #include <torch/library.h>

@@ -39,9 +39,9 @@ def _triton_interpreter_problem() -> str | None:
 # the "not available" error) instead of failing inside the interpreter.
 TRITON_INTERPRETER_PROBLEM = _triton_interpreter_problem()
 if TRITON_INTERPRETER_PROBLEM:
-    from dvp_fast.ops import _triton_loader
+    from dvp_fast.ops._backend import mark_unavailable
 
-    _triton_loader._STATUS = (False, TRITON_INTERPRETER_PROBLEM)
+    mark_unavailable("triton", TRITON_INTERPRETER_PROBLEM)
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from dvp_fast import ops
 from dvp_fast.ops import _backend
 from helpers import as_float64, assert_close, backends_implementing, device_for
+from oracles import conv1x1_oracle
 
 pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
 
@@ -28,17 +29,6 @@ TOL = {torch.float32: 3e-5, torch.bfloat16: 1.6e-2}
 DTYPES = list(TOL)
 # (B, Cin, Cout, H, W): the cpp kernel takes 2048 // (H W) samples per chunk.
 SHAPES = [(1, 1, 1, 1, 1), (3, 5, 7, 5, 3), (7, 4, 6, 40, 16), (5, 32, 2, 7, 7), (2, 3, 4, 48, 48)]
-
-
-def oracle(x, weight, bias, silu):
-    """float64 output and the gradients of sum(g * y) w.r.t. (x, weight, bias) by float64 autograd."""
-    x64, w64 = (torch.from_numpy(as_float64(t)).requires_grad_() for t in (x, weight))
-    b64 = None if bias is None else torch.from_numpy(as_float64(bias)).requires_grad_()
-    act = x64 / (1.0 + torch.exp(-x64)) if silu else x64
-    y = torch.einsum("oi,bihw->bohw", w64[:, :, 0, 0], act)
-    if b64 is not None:
-        y = y + b64[None, :, None, None]
-    return y, [t for t in (x64, w64, b64) if t is not None]
 
 
 def inputs(shape, dtype, bias=True, seed=0):
@@ -66,7 +56,7 @@ def test_conv1x1_matches_the_oracle_and_the_fallback(backend, shape, dtype, silu
     g = torch.randn(shape[0], shape[2], shape[3], shape[4]).to(device)
     y, grads = forward_backward(backend, x, weight, b, silu, g)
     assert y.dtype == dtype and y.shape == g.shape
-    y64, leaves64 = oracle(x, weight, b, silu)
+    y64, leaves64 = conv1x1_oracle(x, weight, b, silu)
     grads64 = torch.autograd.grad(y64, leaves64, torch.from_numpy(as_float64(g.to(dtype))))
     tol = TOL[dtype]
     assert_close(y, y64, tol, "y")
@@ -86,7 +76,7 @@ def test_only_the_gradients_asked_for(backend, needs):
     x, weight, b = (t.to(device_for(backend)) for t in inputs((3, 4, 5, 6, 6), torch.float32))
     leaves = [t.detach().clone().requires_grad_(need) for t, need in zip((x, weight, b), needs)]
     y = ops.conv1x1(*leaves, silu=True, backend=backend)
-    y64, leaves64 = oracle(x, weight, b, True)
+    y64, leaves64 = conv1x1_oracle(x, weight, b, True)
     g = torch.randn_like(y)
     wanted = [t for t, need in zip(leaves, needs) if need]
     got = torch.autograd.grad(y, wanted, g)
@@ -99,7 +89,7 @@ def test_no_grad_path_matches(backend):
     x, weight, b = (t.to(device_for(backend)) for t in inputs((4, 6, 3, 9, 9), torch.float32))
     with torch.no_grad():
         y = ops.conv1x1(x, weight, b, silu=True, backend=backend)
-    assert_close(y, oracle(x, weight, b, True)[0], TOL[torch.float32], "y")
+    assert_close(y, conv1x1_oracle(x, weight, b, True)[0], TOL[torch.float32], "y")
 
 
 def test_autocast_casts_like_conv2d(backend):

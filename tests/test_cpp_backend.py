@@ -1,8 +1,8 @@
 """The native CPU kernels (backend="cpp"): numerics, determinism, and the build machinery.
 
-Numerics: every op against the PyTorch fallback and against float64 oracles written here from
-the equations (scipy's DCT, the closed-form Gaussian KL, a direct reference-form DML likelihood; conv1x1's
-oracle is in test_conv1x1.py, which runs every backend), forward and backward with random
+Numerics: every op against the PyTorch fallback and against the float64 oracles of tests/oracles.py
+(scipy's DCT, the closed-form Gaussian KL, a direct reference-form DML likelihood; conv1x1's oracle
+check is in test_conv1x1.py, which runs every backend), forward and backward with random
 upstream gradients, on odd shapes and edge values, float32 and bfloat16.
 Oracle gradients come from float64 autograd (or scipy for the linear DCT), independent of the
 hand-written backward kernels. Determinism: results are bitwise equal with 1 and 2 threads.
@@ -18,15 +18,15 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.fft
 import torch
-import torch.nn.functional as F
 
 from dvp_fast import ops
 from dvp_fast.ops import _backend
 from dvp_fast.ops.dct import dct_scale_bound
 from helpers import as_float64 as f64
 from helpers import assert_close
+from oracles import (dct_crop_grads_oracle, dct_crop_oracle, dml_log_prob_oracle, gaussian_kl_oracle,
+                     idct_pad_grads_oracle, idct_pad_oracle)
 
 # Max error relative to the largest |expected|, per input dtype: fp32 arithmetic, and for
 # bf16 the rounding of outputs and gradients to bf16 (8 bits of mantissa).
@@ -37,7 +37,7 @@ DTYPES = list(TOL)
 @pytest.fixture(scope="module")
 def cpp():
     """The cpp backend; fails (not skips) when a toolchain is present but the build does not work."""
-    ok, why = _backend._availability("cpp")
+    ok, why = _backend.availability("cpp")
     if not ok:
         import shutil
 
@@ -47,12 +47,6 @@ def cpp():
             pytest.fail(f"a C++ toolchain is present but the cpp backend is unavailable: {why}")
         pytest.skip(f"no C++ toolchain here: {why}")
     return "cpp"
-
-
-
-
-
-
 
 
 def rel_err(actual, expected) -> float:
@@ -82,39 +76,6 @@ def run(fn, inputs, seed=None):
 
 
 # ------------------------------------------------------------------------------------- DCT
-def oracle_dct_crop(x, scale):
-    """float64 (y, raw = the cropped DCT / S before the clamp) via scipy's full DCT, then the crop."""
-    d = scale.shape[-1]
-    raw = scipy.fft.dctn((x + 1.0) / 2.0, type=2, norm="ortho", axes=(-2, -1))[..., :d, :d] / scale
-    return np.clip(raw, -1.0, 1.0), raw
-
-
-def oracle_dct_crop_grads(g, raw, scale, size):
-    """float64 (d x, d scale) of sum(g y); the clamp passes no gradient at or beyond +-1, as torch's."""
-    live = (raw > -1.0) & (raw < 1.0)
-    gc = np.where(live, g, 0.0) / scale
-    pad = np.zeros(gc.shape[:-2] + (size, size))
-    pad[..., :gc.shape[-2], :gc.shape[-1]] = gc
-    gx = 0.5 * scipy.fft.idctn(pad, type=2, norm="ortho", axes=(-2, -1))  # adjoint of the orthonormal DCT
-    gs = -(np.where(live, g, 0.0) * raw / scale).sum(0)
-    return gx, gs
-
-
-def oracle_idct_pad(u, scale, size):
-    pad = np.zeros(u.shape[:-2] + (size, size))
-    pad[..., :u.shape[-2], :u.shape[-1]] = u * scale
-    img = scipy.fft.idctn(pad, type=2, norm="ortho", axes=(-2, -1))
-    return 2.0 * np.clip(img, 0.0, 1.0) - 1.0, img
-
-
-def oracle_idct_pad_grads(g, img, u, scale):
-    """float64 (d u, d scale) of sum(g x): the adjoint of the zero-padded inverse DCT is the cropped DCT."""
-    d = u.shape[-1]
-    gv = scipy.fft.dctn(np.where((img > 0.0) & (img < 1.0), 2.0 * g, 0.0), type=2, norm="ortho", axes=(-2, -1))
-    gv = gv[..., :d, :d]
-    return gv * scale, (gv * u).sum(0)
-
-
 # (B, C, D, d): batch 1, MNIST and CIFAR sizes, pseudo-input sides 5 and 7.
 DCT_SHAPES = [(1, 1, 28, 7), (2, 3, 32, 5), (3, 3, 32, 7), (2, 1, 28, 5)]
 
@@ -127,14 +88,14 @@ def test_dct_crop(cpp, nan_filled_allocations, shape, dtype):
     x[0, 0, :, : size // 2] = 1.0  # white and black regions: pixels at both ends of [-1, 1]
     x[-1, -1, : size // 2] = -1.0
     scale = dct_scale_bound(c, d, size) * torch.empty(c, d, d).uniform_(0.05, 0.6)  # many clamped, many not
-    y_ref, raw = oracle_dct_crop(f64(x), f64(scale))
+    y_ref, raw = dct_crop_oracle(f64(x), f64(scale))
     assert ((raw > 1) | (raw < -1)).any() and (abs(raw) < 1).any(), "inputs must exercise both sides of the clamp"
     out = {}
     for backend in ("cpp", "torch"):
         out[backend] = run(lambda a, s: ops.dct_crop(a, s, backend=backend), leaves(x, scale))
     (y,), (gx, gs), (g,) = out["cpp"]
     assert y.dtype == dtype and gx.dtype == dtype
-    gx_ref, gs_ref = oracle_dct_crop_grads(f64(g), raw, f64(scale), size)
+    gx_ref, gs_ref = dct_crop_grads_oracle(raw, f64(scale), f64(g), size, edges_pass=False)
     assert_close(y, y_ref, TOL[dtype], "y vs scipy")
     assert_close(gx, gx_ref, TOL[dtype], "d x vs scipy")
     assert_close(gs, gs_ref, TOL[dtype], "d scale vs oracle")
@@ -151,14 +112,14 @@ def test_idct_pad(cpp, nan_filled_allocations, shape, dtype):
     scale = dct_scale_bound(c, d, size) * 0.5
     u = (torch.rand(b, c, d, d) * 2 - 1).to(dtype)
     u[0, 0] = 1.0  # saturates: the image leaves [0, 1]
-    img_ref, img = oracle_idct_pad(f64(u), f64(scale), size)
+    img_ref, img = idct_pad_oracle(f64(u), f64(scale), size)
     assert ((img > 1) | (img < 0)).any() and ((img > 0) & (img < 1)).any()
     out = {}
     for backend in ("cpp", "torch"):
         out[backend] = run(lambda a, s: ops.idct_pad(a, s, size, backend=backend), leaves(u, scale))
     (x,), (gu, gs), (g,) = out["cpp"]
     assert x.shape == (b, c, size, size) and x.dtype == dtype and gu.dtype == dtype
-    gu_ref, gs_ref = oracle_idct_pad_grads(f64(g), img, f64(u), f64(scale))
+    gu_ref, gs_ref = idct_pad_grads_oracle(f64(u), f64(scale), img, f64(g), edges_pass=False)
     assert_close(x, img_ref, TOL[dtype], "image vs scipy")
     assert_close(gu, gu_ref, TOL[dtype], "d u vs scipy")
     assert_close(gs, gs_ref, TOL[dtype], "d scale vs oracle")
@@ -168,14 +129,6 @@ def test_idct_pad(cpp, nan_filled_allocations, shape, dtype):
 
 
 # ------------------------------------------------------------------------------ Gaussian KL
-def oracle_kl(mu_q, lv_q, mu_p, lv_p, eps):
-    """float64 autograd of the closed form: z = mu_q + e^(lv_q/2) eps, KL summed per row."""
-    t = [torch.as_tensor(f64(a)).requires_grad_(True) for a in (mu_q, lv_q, mu_p, lv_p)]
-    z = t[0] + torch.exp(0.5 * t[1]) * torch.as_tensor(f64(eps))
-    kl = 0.5 * (t[3] - t[1] + (torch.exp(t[1]) + (t[0] - t[2]) ** 2) / torch.exp(t[3]) - 1.0)
-    return z, kl.flatten(1).sum(1), t
-
-
 def kl_magnitudes(mu_q, lv_q, mu_p, lv_p, eps, gz, gk):
     """Per-element size of the terms that make up z, the kl row and each gradient (float64): the
     log-variances span e^-30..e^30, so errors are judged against the terms, not the largest output."""
@@ -212,7 +165,7 @@ def test_gaussian_sample_kl(cpp, nan_filled_allocations, shape, dtype):
     inputs = [t.to(dtype) for t in (mu_q, lv_q, mu_p, lv_p)]
     (z, kl), grads, (gz, gk) = run(lambda *a: ops.gaussian_sample_kl(*a, noise, backend="cpp"), leaves(*inputs))
     assert z.dtype == dtype and kl.dtype == torch.float32 and kl.shape == (shape[0],)
-    z_ref, kl_ref, t = oracle_kl(*inputs, noise)
+    z_ref, kl_ref, t = gaussian_kl_oracle(*inputs, noise)
     grads_ref = torch.autograd.grad([z_ref, kl_ref], t, [torch.as_tensor(f64(gz)), torch.as_tensor(f64(gk))])
     z_mag, kl_mag, grad_mags = kl_magnitudes(*inputs, noise, gz, gk)
     # z and the gradients are stored in the input dtype; kl is fp32 arithmetic on the rounded inputs.
@@ -260,33 +213,6 @@ def test_gaussian_grouped_backward_with_unused_outputs(cpp, nan_filled_allocatio
 
 
 # ---------------------------------------------------------------------- mixture of logistics
-def clamp_flat_at_edges(v, lo, hi):
-    """clamp(v, lo, hi) whose gradient is 0 on the edges too (the kernels' rule), written out: torch.clamp's
-    own backward at exactly lo or hi is not the same in every torch release (2.11 passes it, 2.14 not)."""
-    return torch.where((v > lo) & (v < hi), v, v.detach().clamp(lo, hi))
-
-
-def oracle_dml(x, params, num_mix):
-    """Direct float64 log-likelihood (B,) of the reference form (log-scales hard-clamped to [-8, 1], bin
-    masses floored at 1e-10, log-sigmoid tails at the edge levels), differentiable by float64 autograd."""
-    b, _, h, w = params.shape
-    m = num_mix
-    logits = params[:, :m]
-    rest = params[:, m:].reshape(b, 3, 3 * m, h, w)
-    means, log_scales = rest[:, :, :m], clamp_flat_at_edges(rest[:, :, m:2 * m], -8.0, 1.0)
-    coeffs = torch.tanh(rest[:, :, 2 * m:])
-    xr, xg, xb = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    mus = [means[:, 0], means[:, 1] + coeffs[:, 0] * xr, means[:, 2] + coeffs[:, 1] * xr + coeffs[:, 2] * xg]
-    total = F.log_softmax(logits, dim=1)
-    for xc, mu, ls in zip((xr, xg, xb), mus, log_scales.unbind(1)):
-        s = torch.exp(ls)
-        upper, lower = (xc - mu + 1 / 255) / s, (xc - mu - 1 / 255) / s
-        interior = torch.log(torch.clamp(torch.sigmoid(upper) - torch.sigmoid(lower), min=1e-10))
-        lp = torch.where(xc < -0.999, F.logsigmoid(upper), torch.where(xc > 0.999, F.logsigmoid(-lower), interior))
-        total = total + lp
-    return torch.logsumexp(total, dim=1).flatten(1).sum(1)
-
-
 def dml_inputs(b, h, w, num_mix, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (b, 3, h, w), generator=gen).float() / 127.5 - 1.0
@@ -330,7 +256,7 @@ def test_dml_log_prob(cpp, nan_filled_allocations, shape, dtype):
     (lp,), (gx, gp), (g,) = run(lambda a, p: ops.dml_log_prob(a, p, num_mix, backend="cpp"), leaves(x, params))
     assert lp.dtype == torch.float32 and gp.dtype == dtype and gx.dtype == torch.float32
     xd, pd = leaves(x.double(), params.double())
-    lp_ref = oracle_dml(xd, pd, num_mix)
+    lp_ref = dml_log_prob_oracle(xd, pd, num_mix)[0]
     gx_ref, gp_ref = torch.autograd.grad(lp_ref, [xd, pd], g.double())
     assert_close(lp, lp_ref, 2e-6, "log p vs float64 oracle")  # fp32 math on the (rounded) inputs
     assert_close(gp, gp_ref, TOL[dtype], "d params vs float64 oracle")
@@ -347,7 +273,7 @@ def test_dml_other_mixture_sizes_and_no_grad(cpp, num_mix):
     x, params = dml_inputs(2, 6, 9, num_mix, torch.float32, seed=num_mix)
     with torch.no_grad():
         lp = ops.dml_log_prob(x, params, num_mix, backend="cpp")
-    assert_close(lp, oracle_dml(x.double(), params.double(), num_mix), 2e-6, "log p")
+    assert_close(lp, dml_log_prob_oracle(x.double(), params.double(), num_mix)[0], 2e-6, "log p")
     (lp_grad,), _, _ = run(lambda p: ops.dml_log_prob(x, p, num_mix, backend="cpp"), leaves(params))
     assert torch.equal(lp, lp_grad.detach()), "the gradient-writing forward must give the same values"
 
@@ -468,7 +394,7 @@ def test_auto_uses_cpp_for_cpu_tensors(cpp):
 def test_missing_toolchain_warns_once_and_raises(cpp, monkeypatch, tmp_path, missing):
     import torch.utils.cpp_extension as ext
 
-    from dvp_fast.ops import cpp_backend
+    from dvp_fast.ops import cpp_build
 
     monkeypatch.setenv("DVP_FAST_CACHE", str(tmp_path))  # nothing built there yet
     if missing == "compiler":
@@ -484,12 +410,12 @@ def test_missing_toolchain_warns_once_and_raises(cpp, monkeypatch, tmp_path, mis
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ImportError, match=re.escape(reason)):
-            cpp_backend.build_and_load()
+            cpp_build.build_and_load()
     assert len(caught) == 1 and reason in str(caught[0].message), [str(w.message) for w in caught]
 
 
 def test_compile_error_shows_the_compiler_message(cpp, monkeypatch, tmp_path):
-    from dvp_fast.ops import cpp_backend
+    from dvp_fast.ops import cpp_build
 
     src = tmp_path / "src"
     src.mkdir()
@@ -498,7 +424,7 @@ def test_compile_error_shows_the_compiler_message(cpp, monkeypatch, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ImportError, match="deliberately broken kernel source"):
-            cpp_backend.build_and_load(src, name="dvp_fast_broken_probe")
+            cpp_build.build_and_load(src, name="dvp_fast_broken_probe")
     assert len(caught) == 1 and "deliberately broken" in str(caught[0].message)
 
 
@@ -507,12 +433,12 @@ def test_build_key_depends_on_contents_not_on_install_paths(cpp, monkeypatch, tm
     build directory; another source, torch version or instruction set gets its own."""
     import shutil
 
-    from dvp_fast.ops import cpp_backend
+    from dvp_fast.ops import cpp_build
 
     copies = [tmp_path / "checkout" / "csrc", tmp_path / "venv" / "site-packages" / "dvp_fast" / "csrc"]
     for copy in copies:
-        shutil.copytree(cpp_backend.source_dir(), copy)
-    key = lambda src: cpp_backend.build_settings(src, tmp_path / "cache")[3]  # noqa: E731
+        shutil.copytree(cpp_build.source_dir(), copy)
+    key = lambda src: cpp_build.build_settings(src, tmp_path / "cache")[3]  # noqa: E731
     reference = key(copies[0])
     assert key(copies[1]) == reference
     with monkeypatch.context() as m:  # the same torch installed in another environment
@@ -521,9 +447,9 @@ def test_build_key_depends_on_contents_not_on_install_paths(cpp, monkeypatch, tm
     with monkeypatch.context() as m:
         m.setattr(torch, "__version__", torch.__version__ + ".post1")
         assert key(copies[0]) != reference
-    other_isa = "avx2" if cpp_backend._isa_flags()[0] == "base" else "base"
+    other_isa = "avx2" if cpp_build._isa_flags()[0] == "base" else "base"
     with monkeypatch.context() as m:
-        m.setattr(cpp_backend, "_isa_flags", lambda: (other_isa, []))
+        m.setattr(cpp_build, "_isa_flags", lambda: (other_isa, []))
         assert key(copies[0]) != reference
     (copies[1] / "dct.cpp").write_text((copies[1] / "dct.cpp").read_text() + "// changed\n")
     assert key(copies[1]) != reference
@@ -588,7 +514,7 @@ def test_concurrent_first_builds_share_the_cache(cpp, tmp_path):
     code = f"""
         import ctypes, os, sys, time
         from pathlib import Path
-        from dvp_fast.ops.cpp_backend import build_and_load
+        from dvp_fast.ops.cpp_build import build_and_load
         barrier, peers = Path({str(barrier)!r}), int(sys.argv[1])
         (barrier / str(os.getpid())).touch()
         while len(list(barrier.iterdir())) < peers:  # start building together
@@ -643,9 +569,9 @@ def test_sources_use_no_cxx20_only_features():
 def test_build_flags_leave_the_language_standard_to_torch(cpp, tmp_path):
     """torch's extension builder passes its own -std (c++17 in 2.11, c++20 in 2.13+); a second one
     of ours would override it and break either the older or the newer torch's headers."""
-    from dvp_fast.ops import cpp_backend
+    from dvp_fast.ops import cpp_build
 
-    _, cflags, ldflags, _ = cpp_backend.build_settings(cpp_backend.source_dir(), tmp_path)
+    _, cflags, ldflags, _ = cpp_build.build_settings(cpp_build.source_dir(), tmp_path)
     assert not [f for f in cflags + ldflags if f.startswith(("-std=", "/std:"))]
 
 

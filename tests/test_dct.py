@@ -7,12 +7,13 @@ themselves checked against float64 finite differences.
 """
 import numpy as np
 import pytest
-import scipy.fft
 import torch
 
 from dvp_fast import ops
 from dvp_fast.ops.dct import dct_scale_bound
 from helpers import as_float64, device_for
+from oracles import (dct2, dct_crop_grads_oracle, dct_crop_oracle, idct_pad_grads_oracle,
+                     idct_pad_oracle)
 
 pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
 
@@ -43,50 +44,6 @@ def assert_close(actual: torch.Tensor, expected, tol: float, what: str) -> None:
     assert err <= tol, f"{what}: max error {err:.3g} relative to max |expected|, tolerance {tol:.3g}"
 
 
-# --- the float64 oracle ------------------------------------------------------------------------------
-def _dct2(a):
-    return scipy.fft.dctn(a, type=2, norm="ortho", axes=(-2, -1))
-
-
-def _idct2(a):
-    return scipy.fft.idctn(a, type=2, norm="ortho", axes=(-2, -1))
-
-
-def _pad(block, size):
-    out = np.zeros(block.shape[:-2] + (size, size))
-    out[..., :block.shape[-2], :block.shape[-1]] = block
-    return out
-
-
-def oracle_dct_crop(x, scale):
-    """(y, raw = cropped DCT / S) for float64 arrays x (B, C, D, D) in [-1, 1] and scale (C, d, d)."""
-    d = scale.shape[-1]
-    raw = _dct2((x + 1.0) / 2.0)[..., :d, :d] / scale
-    return np.clip(raw, -1.0, 1.0), raw
-
-
-def oracle_dct_crop_grads(raw, scale, dy, size):
-    """(dL/dx, dL/dS) for L = sum(dy * y)."""
-    passes = (raw >= -1.0) & (raw <= 1.0)
-    dx = 0.5 * _idct2(_pad(dy * passes / scale, size))
-    dscale = (-dy * passes * raw / scale).sum(0)
-    return dx, dscale
-
-
-def oracle_idct_pad(u, scale, size):
-    """(image in [-1, 1], the pre-clamp image in [0, 1] units)."""
-    image01 = _idct2(_pad(u * scale, size))
-    return 2.0 * np.clip(image01, 0.0, 1.0) - 1.0, image01
-
-
-def oracle_idct_pad_grads(u, scale, image01, dout):
-    """(dL/du, dL/dS) for L = sum(dout * image)."""
-    d = u.shape[-1]
-    passes = (image01 >= 0.0) & (image01 <= 1.0)
-    dv = _dct2(2.0 * dout * passes)[..., :d, :d]
-    return dv * scale, (dv * u).sum(0)
-
-
 # --- inputs -----------------------------------------------------------------------------------------
 def random_images(b, c, size, dtype, device):
     """8-bit levels in [-1, 1] with the extreme levels 0 and 255 always present."""
@@ -98,7 +55,7 @@ def random_images(b, c, size, dtype, device):
 
 def fitted_scale(x, d):
     """Like the model's S (max |coefficient|) but 0.6x smaller, so a share of coefficients clamps."""
-    coeffs = np.abs(_dct2((x.double().cpu().numpy() + 1.0) / 2.0)[..., :d, :d]).max(0)
+    coeffs = np.abs(dct2((x.double().cpu().numpy() + 1.0) / 2.0)[..., :d, :d]).max(0)
     return torch.tensor(0.6 * coeffs + 1e-3, dtype=torch.float32)
 
 
@@ -119,28 +76,28 @@ def _directional_check(f, grad, x, seed=0):
 def test_oracle_gradients_match_finite_differences():
     x = random_images(2, 3, 28, torch.float64, "cpu").numpy()
     scale = fitted_scale(torch.from_numpy(x), 7).double().numpy()
-    raw = oracle_dct_crop(x, scale)[1]
+    raw = dct_crop_oracle(x, scale)[1]
     assert 0 < ((raw < -1) | (raw > 1)).mean() < 1, "the clamp should be partly active"
     dy = np.random.default_rng(1).standard_normal(raw.shape)
-    dx, dscale = oracle_dct_crop_grads(raw, scale, dy, 28)
-    _directional_check(lambda t: (dy * oracle_dct_crop(t, scale)[0]).sum(), dx, x)
-    _directional_check(lambda s: (dy * oracle_dct_crop(x, s)[0]).sum(), dscale, scale)
+    dx, dscale = dct_crop_grads_oracle(raw, scale, dy, 28)
+    _directional_check(lambda t: (dy * dct_crop_oracle(t, scale)[0]).sum(), dx, x)
+    _directional_check(lambda s: (dy * dct_crop_oracle(x, s)[0]).sum(), dscale, scale)
 
     u = np.random.default_rng(2).uniform(-1, 1, (2, 3, 7, 7))
     scale = dct_scale_bound(3, 7, 28).double().numpy()
-    image01 = oracle_idct_pad(u, scale, 28)[1]
+    image01 = idct_pad_oracle(u, scale, 28)[1]
     assert 0 < ((image01 < 0) | (image01 > 1)).mean() < 1, "the clamp should be partly active"
     dout = np.random.default_rng(3).standard_normal(image01.shape)
-    du, dscale = oracle_idct_pad_grads(u, scale, image01, dout)
-    _directional_check(lambda t: (dout * oracle_idct_pad(t, scale, 28)[0]).sum(), du, u)
-    _directional_check(lambda s: (dout * oracle_idct_pad(u, s, 28)[0]).sum(), dscale, scale)
+    du, dscale = idct_pad_grads_oracle(u, scale, image01, dout)
+    _directional_check(lambda t: (dout * idct_pad_oracle(t, scale, 28)[0]).sum(), du, u)
+    _directional_check(lambda s: (dout * idct_pad_oracle(u, s, 28)[0]).sum(), dscale, scale)
 
 
 def test_oracle_matches_the_cropped_basis_identity():
     """dct_basis rows are the DCT-II the oracle uses: A_d X A_d^T equals the crop of dctn."""
     x = np.random.default_rng(4).standard_normal((3, 20, 20))
     basis = ops.dct_basis(13, 20, dtype=torch.float64).numpy()
-    np.testing.assert_allclose(basis @ x @ basis.T, _dct2(x)[..., :13, :13], atol=1e-12)
+    np.testing.assert_allclose(basis @ x @ basis.T, dct2(x)[..., :13, :13], atol=1e-12)
 
 
 # --- the ops -----------------------------------------------------------------------------------------
@@ -157,8 +114,8 @@ def test_dct_crop_forward_backward(backend, shape, dtype):
     assert y.dtype == dtype and y.shape == (b, c, d, d) and dx.dtype == dtype
 
     x64, scale64 = x.detach().double().cpu().numpy(), scale.double().cpu().numpy()
-    y_ref, raw = oracle_dct_crop(x64, scale64)
-    dx_ref = oracle_dct_crop_grads(raw, scale64, dy.double().cpu().numpy(), size)[0]
+    y_ref, raw = dct_crop_oracle(x64, scale64)
+    dx_ref = dct_crop_grads_oracle(raw, scale64, dy.double().cpu().numpy(), size)[0]
     # y is compared in coefficient units (times S): a small S divides fp32 rounding of the DCT too.
     assert_close(as_float64(y) * scale64, y_ref * scale64, TOL[dtype], "y vs float64 oracle")
     assert_close(dx, dx_ref, TOL[dtype], "dx vs float64 oracle")
@@ -183,9 +140,9 @@ def test_idct_pad_forward_backward(backend, shape, dtype):
     assert image.dtype == dtype and image.shape == (b, c, size, size) and du.dtype == dtype
 
     u64, scale64 = u.detach().double().cpu().numpy(), scale.double().cpu().numpy()
-    image_ref, image01 = oracle_idct_pad(u64, scale64, size)
+    image_ref, image01 = idct_pad_oracle(u64, scale64, size)
     assert ((image01 < 0) | (image01 > 1)).any(), "the clamp should be active somewhere"
-    du_ref = oracle_idct_pad_grads(u64, scale64, image01, dout.double().cpu().numpy())[0]
+    du_ref = idct_pad_grads_oracle(u64, scale64, image01, dout.double().cpu().numpy())[0]
     assert_close(image, image_ref, TOL[dtype], "image vs float64 oracle")
     assert_close(du, du_ref, TOL[dtype], "du vs float64 oracle")
 
@@ -206,8 +163,8 @@ def test_scale_gradients(backend):
     dy = torch.randn_like(y)
     (dscale,) = torch.autograd.grad(y, scale, dy)
     x64, scale64 = x.double().cpu().numpy(), scale.detach().double().cpu().numpy()
-    raw = oracle_dct_crop(x64, scale64)[1]
-    expected = oracle_dct_crop_grads(raw, scale64, dy.double().cpu().numpy(), size)[1]
+    raw = dct_crop_oracle(x64, scale64)[1]
+    expected = dct_crop_grads_oracle(raw, scale64, dy.double().cpu().numpy(), size)[1]
     # dS = -dy raw / S^2: compared times S^2, i.e. in coefficient units, like y above.
     assert_close(as_float64(dscale) * scale64 ** 2, expected * scale64 ** 2, 1e-5, "dct_crop dS")
 
@@ -217,8 +174,8 @@ def test_scale_gradients(backend):
     dout = torch.randn_like(image)
     (dscale,) = torch.autograd.grad(image, scale, dout)
     u64, scale64 = u.double().cpu().numpy(), scale.detach().double().cpu().numpy()
-    image01 = oracle_idct_pad(u64, scale64, size)[1]
-    expected = oracle_idct_pad_grads(u64, scale64, image01, dout.double().cpu().numpy())[1]
+    image01 = idct_pad_oracle(u64, scale64, size)[1]
+    expected = idct_pad_grads_oracle(u64, scale64, image01, dout.double().cpu().numpy())[1]
     assert_close(dscale, expected, 1e-5, "idct_pad dS")
 
 

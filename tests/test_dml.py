@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dvp_fast import ops
 from helpers import as_float64, device_for, skip_unless_implemented
+from oracles import FLOOR, HALF_BIN, dml_log_prob_oracle
 
 pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
 
@@ -46,45 +47,9 @@ SMALL_SCALE_GRAD_TOL = 1e-3
 CASES = ([(shape, dtype) for shape in [(1, 1, 1), (2, 5, 7)] for dtype in DTYPES]
          + [((1, 28, 28), torch.float32), ((1, 28, 28), torch.bfloat16),
             ((1, 32, 32), torch.float32), ((1, 32, 32), torch.float16), ((2, 5, 7), torch.float64)])
-HALF_BIN = 1.0 / 255.0
-FLOOR = 1e-10
 
 
 # --- the float64 oracle ------------------------------------------------------------------------------
-def reference_log_prob(x, params, num_mix):
-    """The reference form on float64 tensors, differentiable: (log p (B,), interior bin masses (B, 3, M, H, W)
-    with NaN at the edge levels, raw log-scales (B, 3, M, H, W))."""
-    m = num_mix
-    b, _, h, w = params.shape
-    logits = params[:, :m]
-    per_colour = params[:, m:].reshape(b, 3, 3 * m, h, w)
-    raw_log_scale = per_colour[:, :, m:2 * m]
-    # The clamp with a zero gradient on its edges too (the kernels' rule), written out: torch.clamp's own
-    # backward at exactly -8 or 1 (which bf16 inputs hit) differs between torch releases.
-    inside = (raw_log_scale > -8.0) & (raw_log_scale < 1.0)
-    log_scale = torch.where(inside, raw_log_scale, raw_log_scale.detach().clamp(-8.0, 1.0))
-    coeff = torch.tanh(per_colour[:, :, 2 * m:])
-    red, green, blue = x[:, 0:1], x[:, 1:2], x[:, 2:3]  # (B, 1, H, W): broadcast over components
-    mean = [per_colour[:, 0, :m],
-            per_colour[:, 1, :m] + coeff[:, 0] * red,
-            per_colour[:, 2, :m] + coeff[:, 1] * red + coeff[:, 2] * green]
-    total = F.log_softmax(logits, dim=1)
-    masses = []
-    for c, value in enumerate((red, green, blue)):
-        inv_scale = torch.exp(-log_scale[:, c])
-        upper = inv_scale * (value - mean[c] + HALF_BIN)
-        lower = inv_scale * (value - mean[c] - HALF_BIN)
-        mass = torch.sigmoid(upper) - torch.sigmoid(lower)
-        first, last = value <= -1.0 + HALF_BIN, value >= 1.0 - HALF_BIN  # levels 0 and 255 on the grid
-        log_p = torch.log(torch.clamp(mass, min=FLOOR))
-        log_p = torch.where(first, upper - F.softplus(upper), log_p)  # log sigmoid(upper): the left tail
-        log_p = torch.where(last, -F.softplus(lower), log_p)  # log(1 - sigmoid(lower)): the right tail
-        masses.append(torch.where((first | last).expand_as(mass), float("nan"), mass.detach()))
-        total = total + log_p
-    logp = torch.logsumexp(total, dim=1).reshape(b, -1).sum(1)
-    return logp, torch.stack(masses, 1), raw_log_scale.detach()
-
-
 def oracle(x, params, num_mix):
     """(log p (B,), params leaf, x leaf, facts) of the reference form in float64.
 
@@ -97,7 +62,7 @@ def oracle(x, params, num_mix):
     p = torch.tensor(as_float64(params), requires_grad=True)
     xv = torch.tensor(as_float64(x), requires_grad=True)
     b, _, h, w = p.shape
-    logp, mass, raw_log_scale = reference_log_prob(xv, p, m)
+    logp, mass, raw_log_scale = dml_log_prob_oracle(xv, p, m)
     interior = ~torch.isnan(mass)
     under = interior & (mass < FLOOR)
     clamped = (raw_log_scale < -8.0) | (raw_log_scale > 1.0)
@@ -146,7 +111,7 @@ def test_oracle_gradcheck():
     _, _, _, facts = oracle(x, params, 2)
     assert facts["below_floor"] and facts["above_floor"] and facts["low_edge"] and facts["high_edge"]
     assert facts["clamped_low"] and facts["clamped_high"] and not facts["near_floor"]
-    torch.autograd.gradcheck(lambda p, xv: reference_log_prob(xv, p, 2)[0],
+    torch.autograd.gradcheck(lambda p, xv: dml_log_prob_oracle(xv, p, 2)[0],
                              (params.double().requires_grad_(), x.double().requires_grad_()))
 
 
@@ -454,7 +419,7 @@ def test_probabilities_over_all_levels_sum_to_one(backend, log_scales):
     coefs = torch.randn(3, m, dtype=torch.float64)
     rest = torch.cat([means, log_scales, coefs], dim=1).reshape(9 * m)
     params = torch.cat([logits, rest]).reshape(1, 10 * m, 1, 1).expand(256, -1, -1, -1).contiguous()
-    total_ref = torch.exp(reference_log_prob(x, params, m)[0]).sum().item()  # exact levels, float64
+    total_ref = torch.exp(dml_log_prob_oracle(x, params, m)[0]).sum().item()  # exact levels, float64
     assert abs(total_ref - 1.0) < 3e-8, total_ref
     logp = ops.dml_log_prob(x.float().to(dev), params.float().to(dev), m, backend=backend)
     total = torch.exp(logp.double()).sum().item()

@@ -14,6 +14,7 @@ import torch
 
 from dvp_fast import ops
 from helpers import as_float64, device_for, skip_unless_implemented
+from oracles import gaussian_kl_oracle
 
 pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
 
@@ -61,12 +62,7 @@ def assert_close_elementwise(actual, expected, tol: float, what: str) -> None:
 # --- the float64 oracle ------------------------------------------------------------------------------
 def oracle(mu_q, lv_q, mu_p, lv_p, eps, dz, dkl):
     """(z, kl, [d mu_q, d lv_q, d mu_p, d lv_p]) in float64 for L = sum(dz z) + sum(dkl kl)."""
-    leaves = [torch.as_tensor(as_float64(t)).requires_grad_() for t in (mu_q, lv_q, mu_p, lv_p)]
-    m_q, l_q, m_p, l_p = leaves
-    s_q, s_p = torch.exp(0.5 * l_q), torch.exp(0.5 * l_p)
-    z = m_q + s_q * torch.as_tensor(as_float64(eps))
-    kl_elem = torch.log(s_p / s_q) + (s_q ** 2 + (m_q - m_p) ** 2) / (2.0 * s_p ** 2) - 0.5
-    kl = kl_elem.reshape(kl_elem.shape[0], -1).sum(1)
+    z, kl, leaves = gaussian_kl_oracle(mu_q, lv_q, mu_p, lv_p, eps)
     loss = (z * torch.as_tensor(as_float64(dz))).sum() + (kl * torch.as_tensor(as_float64(dkl))).sum()
     grads = torch.autograd.grad(loss, leaves)
     return z.detach().numpy(), kl.detach().numpy(), [g.numpy() for g in grads]

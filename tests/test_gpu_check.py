@@ -89,13 +89,13 @@ def test_a_stage_that_keeps_going_runs_every_command_and_reports_the_first_failu
 def test_the_probe_fails_loudly_on_a_cuda_machine_without_the_triton_backend(monkeypatch, capsys):
     import torch
 
-    from dvp_fast.ops import _triton_loader
+    from dvp_fast.ops._backend import backend_unavailable
 
     assert gpu_check.probe() == 0 or torch.cuda.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
-    monkeypatch.setattr(_triton_loader, "_STATUS", (False, "the Triton kernels are not installed (stand-in)"))
-    assert gpu_check.probe() == 3
+    with backend_unavailable("triton", "the Triton kernels are not installed (stand-in)"):
+        assert gpu_check.probe() == 3
     captured = capsys.readouterr()
     assert "backend triton: NOT available: the Triton kernels are not installed" in captured.out
     assert "every later stage would run the torch fallback" in captured.err

@@ -131,9 +131,9 @@ def test_dispatcher_launches_only_listed_configurations(monkeypatch):
     from dvp_fast import ops
 
     if not ops.backend_available("triton"):
-        pytest.skip(f"triton backend not available: {_backend._availability('triton')[1]}")
+        pytest.skip(f"triton backend not available: {_backend.availability('triton')[1]}")
     from dvp_fast.kernels import dct, dml, gaussian_kl
-    from dvp_fast.ops import triton_backend
+    from dvp_fast.ops import triton_launch
 
     launched = set()
 
@@ -148,7 +148,7 @@ def test_dispatcher_launches_only_listed_configurations(monkeypatch):
             return call
         return _Indexable(with_grid)
 
-    monkeypatch.setattr(triton_backend, "_launch", recording_launch)
+    monkeypatch.setattr(triton_launch, "launch", recording_launch)
     for config in dml.CONFIGS:  # every DML launch configuration a process can select
         monkeypatch.setenv("DVP_FAST_DML_CONFIG", config)
         _calls_over_every_choice("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,8 +178,8 @@ def test_launches_run_on_their_tensors_device(monkeypatch):
     from dvp_fast import ops
 
     if not ops.backend_available("triton"):
-        pytest.skip(f"triton backend not available: {_backend._availability('triton')[1]}")
-    from dvp_fast.ops import triton_backend
+        pytest.skip(f"triton backend not available: {_backend.availability('triton')[1]}")
+    from dvp_fast.ops import triton_launch
 
     current, entered, launched = [], [], []
 
@@ -197,10 +197,10 @@ def test_launches_run_on_their_tensors_device(monkeypatch):
             return lambda *args, **meta: launched.append((grid, current[-1] if current else None))
 
     monkeypatch.setattr(torch.cuda, "device", recording_device)
-    monkeypatch.setattr(triton_backend, "wrap_triton", lambda kernel: kernel)  # the fake kernel is not a JITFunction
+    monkeypatch.setattr(triton_launch, "wrap_triton", lambda kernel: kernel)  # the fake kernel is not a JITFunction
     with FakeTensorMode():
         x = torch.empty(4, device="cuda:1")
-    triton_backend._launch(FakeKernel())[(2,)](x, 4, BLOCK=8, num_warps=4)
+    triton_launch.launch(FakeKernel())[(2,)](x, 4, BLOCK=8, num_warps=4)
     assert launched == [((2,), torch.device("cuda:1"))], "the launch must be made inside torch.cuda.device(cuda:1)"
     assert current == []
 
@@ -225,7 +225,7 @@ def test_auto_picks_triton_for_cuda_tensors():
     from dvp_fast import ops
 
     if not ops.backend_available("triton"):
-        pytest.skip(f"triton backend not available: {_backend._availability('triton')[1]}")
+        pytest.skip(f"triton backend not available: {_backend.availability('triton')[1]}")
     script = ("import torch\n"
               "from dvp_fast.ops._backend import choose_backend\n"
               "names = ['dct_crop', 'idct_pad', 'gaussian_sample_kl', 'gaussian_sample_kl_grouped',\n"
@@ -268,7 +268,7 @@ def test_the_installed_triton_runs_in_the_interpreter():
     if conftest._version(triton) < (3, 8) and conftest._version(numpy) >= (2, 4):
         pytest.skip(conftest.TRITON_INTERPRETER_PROBLEM or "old triton")
     assert conftest.TRITON_INTERPRETER_PROBLEM is None
-    assert _backend._availability("triton") == (True, "")
+    assert _backend.availability("triton") == (True, "")
 
 
 class _Indexable:
@@ -319,7 +319,7 @@ def test_torch_compile_fullgraph(name):
     from dvp_fast import ops
 
     if not ops.backend_available("triton"):
-        pytest.skip(f"triton backend not available: {_backend._availability('triton')[1]}")
+        pytest.skip(f"triton backend not available: {_backend.availability('triton')[1]}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     fn, inputs = _op_cases(dev)[name]
     torch._dynamo.reset()
@@ -374,7 +374,7 @@ def _dml_register_use() -> dict:
 def test_no_dml_launch_configuration_spills_registers_on_sm90(tmp_path):
     """Issue 15 saw the DML gradient kernel at 255 registers with spills (triton 3.6). With the Triton
     installed here, no configuration the dispatcher may pick uses local memory (spills) on sm_90."""
-    if not _backend._availability("triton")[0]:
+    if not _backend.availability("triton")[0]:
         pytest.skip("triton is not importable")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_HOME=str(tmp_path))

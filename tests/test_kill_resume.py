@@ -36,8 +36,8 @@ import dvp_fast.run_folder as run_folder
 import dvp_fast.train as train
 import dvp_fast.train_cli as train_cli
 from dvp_fast.config import model_preset
-from dvp_fast.ops import _cpp_loader
-_cpp_loader.status = lambda: (False, "pinned to the torch fallback by the test")
+from dvp_fast.ops._backend import mark_unavailable
+mark_unavailable("cpp", "pinned to the torch fallback by the test")
 train_cli.model_preset = lambda name, **kw: model_preset(name, **{{**{TINY!r}, **kw}})
 train.evaluate = lambda model, images, batch_size, *precision: dict(val_elbo=-100.0, val_loss=1.0, active_units=0.5,
                                                                     layers=dict(kl=[1.0, 2.0], active_units=[0.5]))

@@ -422,19 +422,20 @@ def test_the_cpp_kernels_are_loaded_before_the_progress_bar(small_runs, monkeypa
     """Their first build prints its lines before training starts, not onto step 1's progress bar."""
     import tqdm
 
-    from dvp_fast.ops import _cpp_loader
+    from dvp_fast.ops import _backend
 
     monkeypatch.setenv("DVP_FAST_CACHE", str(tmp_path / "cache"))
     argv = ["--max-steps", "1", *[a for a in FAST if a != "--no-progress"]]
     assert train.main(["--out", str(tmp_path / "warm-up"), *argv]) == 0  # the normaliser S is cached now
-    events, real_status, real_tqdm = [], _cpp_loader.status, tqdm.tqdm
+    events, real_availability, real_tqdm = [], _backend.availability, tqdm.tqdm
 
     class Progress(real_tqdm):
         def __init__(self, *args, **kwargs):
             events.append("progress bar")
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(_cpp_loader, "status", lambda: (events.append("cpp"), real_status())[1])
+    monkeypatch.setattr(_backend, "availability",
+                        lambda backend: (events.append(backend), real_availability(backend))[1])
     monkeypatch.setattr(tqdm, "tqdm", Progress)
     assert train.main(["--out", str(tmp_path / "run"), *argv]) == 0
     assert events.index("cpp") < events.index("progress bar"), events[:5]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import choose_backend, implementation, register
+from ._backend import choose_backend, implementation
 from ._checks import check_floating, check_same_device, check_shape
 
 _OP = "conv1x1"
@@ -60,6 +60,5 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return fn(x, weight, bias, silu)
 
 
-@register(_OP, "torch")
 def conv1x1_torch(x, weight, bias, silu):
     return F.conv2d(F.silu(x) if silu else x, weight, bias)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._backend import choose_backend, implementation, register
+from ._backend import choose_backend, implementation
 from ._checks import check_floating, check_int, check_same_device, check_shape
 
 _BASIS_CACHE: dict[tuple, torch.Tensor] = {}
@@ -77,13 +77,11 @@ def idct_pad(u: torch.Tensor, scale: torch.Tensor, size: int, *, backend: str = 
     return implementation("idct_pad", choose_backend("idct_pad", backend, u.device))(u, scale, int(size))
 
 
-@register("dct_crop", "torch")
 def dct_crop_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     coeffs = dct_coefficients(x, scale.shape[-1])
     return (coeffs / scale.float()).clamp(-1.0, 1.0).to(x.dtype)
 
 
-@register("idct_pad", "torch")
 def idct_pad_torch(u: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Tensor:
     basis = dct_basis(u.shape[-1], size, device=u.device)
     image01 = basis.T @ (u.float() * scale.float()) @ basis

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import choose_backend, implementation, register
+from ._backend import choose_backend, implementation
 from ._checks import check_floating, check_int, check_same_device
 
 LOG_SCALE_MIN = -8.0
@@ -95,7 +95,7 @@ def clamp_flat_at_edges(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     torch release: 2.11 passes the gradient there, 2.14 does not."""
     return torch.where((v > lo) & (v < hi), v, v.detach().clamp(lo, hi))
 
-@register("dml_log_prob", "torch")
+
 def dml_log_prob_torch(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> torch.Tensor:
     logits, means, log_scales, coeffs = split_params(params, num_mix)
     x = x.float().unsqueeze(2)  # (B, 3, 1, H, W), broadcast over components
@@ -118,7 +118,6 @@ def dml_log_prob_torch(x: torch.Tensor, params: torch.Tensor, num_mix: int) -> t
     return torch.logsumexp(log_probs, dim=1).flatten(1).sum(1)
 
 
-@register("dml_sample", "torch")
 def dml_sample_torch(params: torch.Tensor, temperature: float, num_mix: int) -> torch.Tensor:
     logits, means, log_scales, coeffs = split_params(params, num_mix)
     # One component per pixel (shared by the three channels): drawn by Gumbel-max, or at temperature 0

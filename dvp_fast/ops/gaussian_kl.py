@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._backend import choose_backend, implementation, register
+from ._backend import choose_backend, implementation
 from ._checks import check_floating, check_nonempty, check_same_device, check_same_shape
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -67,7 +67,6 @@ def gaussian_sample_kl_grouped(layers: list[tuple[torch.Tensor, torch.Tensor, to
     return fn(layers)
 
 
-@register("gaussian_sample_kl", "torch")
 def gaussian_sample_kl_torch(mu_q, logvar_q, mu_p, logvar_p, noise=None):
     mu_q32, lv_q, mu_p32, lv_p = (t.float() for t in (mu_q, logvar_q, mu_p, logvar_p))
     if noise is None:
@@ -77,7 +76,6 @@ def gaussian_sample_kl_torch(mu_q, logvar_q, mu_p, logvar_p, noise=None):
     return z.to(mu_q.dtype), kl.reshape(kl.shape[0], -1).sum(1)  # reshape: 1-D (B,) inputs too
 
 
-@register("gaussian_sample_kl_grouped", "torch")
 def gaussian_sample_kl_grouped_torch(layers):
     results = [gaussian_sample_kl_torch(*layer) for layer in layers]
     return [z for z, _ in results], torch.stack([kl for _, kl in results], dim=1)
