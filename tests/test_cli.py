@@ -105,7 +105,6 @@ def test_the_end_of_run_line_gives_both_losses_in_bits_per_dim():
 
 def test_grids_are_drawn_at_twice_the_size_by_default(tmp_path):
     """Each pixel of a 2x grid is a 2x2 block of the 1x grid's value: no new values, twice the size."""
-    import zlib
 
     from dvp_fast.images import make_grid, save_grid
 

@@ -13,12 +13,14 @@ import pytest
 import scipy.io
 import torch
 
-from conftest import SHARED_MNIST
+from conftest import MNIST_DIR
 from dvp_fast import data
 from dvp_fast.data import DeviceBatches, load_dataset, load_images, load_labels
 
-HAVE_MNIST = os.path.exists(os.path.join(SHARED_MNIST, "train-images-idx3-ubyte.gz"))
-needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"full MNIST not in {SHARED_MNIST}")
+HAVE_MNIST = bool(MNIST_DIR) and os.path.exists(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz"))
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=(
+    f"DVP_MNIST_DIR={MNIST_DIR} holds no train-images-idx3-ubyte.gz" if MNIST_DIR else
+    "DVP_MNIST_DIR is not set: it names a folder with MNIST's IDX .gz files (e.g. ../shared/data/mnist)"))
 
 
 # --- fixture writers ------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_mnist_full_size_file_with_wrong_content_fails_checksum(tmp_path, name, 
 @needs_mnist
 def test_mnist_regzipped_copy_passes_and_a_flipped_byte_fails(tmp_path):
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        content = gzip.decompress(open(os.path.join(SHARED_MNIST, name + ".gz"), "rb").read())
+        content = gzip.decompress(open(os.path.join(MNIST_DIR, name + ".gz"), "rb").read())
         open(tmp_path / (name + ".gz"), "wb").write(gzip.compress(content, compresslevel=1, mtime=0))
     assert load_images("mnist", "test", str(tmp_path)).shape == (10000, 1, 28, 28)
     content = bytearray(gzip.decompress(open(tmp_path / "t10k-images-idx3-ubyte.gz", "rb").read()))
@@ -187,21 +189,21 @@ def test_mnist_regzipped_copy_passes_and_a_flipped_byte_fails(tmp_path):
 
 @needs_mnist
 def test_full_mnist():
-    images, labels = data.load_mnist_file(SHARED_MNIST, "train")
-    test_images, test_labels = data.load_mnist_file(SHARED_MNIST, "t10k")
+    images, labels = data.load_mnist_file(MNIST_DIR, "train")
+    test_images, test_labels = data.load_mnist_file(MNIST_DIR, "t10k")
     assert images.shape == (60000, 1, 28, 28) and test_images.shape == (10000, 1, 28, 28)
     assert np.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert labels[:5].tolist() == [5, 0, 4, 1, 9] and test_labels[:5].tolist() == [7, 2, 1, 0, 4]
     assert images.mean() == pytest.approx(33.318, abs=5e-4)
-    splits = {s: load_dataset("mnist", s, SHARED_MNIST) for s in data.SPLITS}
+    splits = {s: load_dataset("mnist", s, MNIST_DIR) for s in data.SPLITS}
     assert [splits[s][0].shape[0] for s in data.SPLITS] == [55000, 5000, 10000]
     train_rows, val_rows = data.split_indices("mnist", 60000)
     assert len(np.intersect1d(train_rows, val_rows)) == 0 and len(np.union1d(train_rows, val_rows)) == 60000
     np.testing.assert_array_equal(splits["train"][0].numpy(), images[train_rows])
     np.testing.assert_array_equal(splits["val"][1].numpy(), labels[val_rows])
     np.testing.assert_array_equal(splits["test"][0].numpy(), test_images)
-    assert torch.equal(load_images("mnist", "val", SHARED_MNIST), splits["val"][0])
+    assert torch.equal(load_images("mnist", "val", MNIST_DIR), splits["val"][0])
 
 
 # --- downloads, served by a fake urlopen --------------------------------------------------------------
@@ -251,7 +253,7 @@ def test_mnist_download_verifies_decompressed_content(tmp_path, monkeypatch):
     served = {}
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
-        content = gzip.decompress(open(os.path.join(SHARED_MNIST, name + ".gz"), "rb").read())
+        content = gzip.decompress(open(os.path.join(MNIST_DIR, name + ".gz"), "rb").read())
         served[name + ".gz"] = gzip.compress(content, compresslevel=1)  # not the canonical gzip bytes
     serve(monkeypatch, served)
     assert load_images("mnist", "test", str(tmp_path), download=True).shape == (10000, 1, 28, 28)
@@ -450,14 +452,12 @@ def test_embedded_digits_equal_mlxtends():
     np.testing.assert_array_equal(labels, table[:, 784])
 
 
+@needs_mnist
 def test_embedded_digits_equal_the_mnist_idx_subset():
     """mnist_5k.npz is the first 500 images of each class of MNIST's training file, class by class
     (dvp_fast/data/mnist_5k.md); checked against the IDX files in $DVP_MNIST_DIR."""
-    folder = os.environ.get("DVP_MNIST_DIR")
-    if not folder:
-        pytest.skip("DVP_MNIST_DIR is not set: it names a folder with MNIST's IDX files (e.g. ../shared/data/mnist)")
-    images, labels = data.load_mnist_file(folder, "train")
-    assert images.shape[0] == 60000, f"{folder}: not the full training file"
+    images, labels = data.load_mnist_file(MNIST_DIR, "train")
+    assert images.shape[0] == 60000, f"{MNIST_DIR}: not the full training file"
     rows = np.concatenate([np.flatnonzero(labels == d)[:500] for d in range(10)])
     shipped_images, shipped_labels = shipped_digits()
     np.testing.assert_array_equal(shipped_images, images[rows, 0])
