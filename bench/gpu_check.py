@@ -132,7 +132,9 @@ def make_source_layout(dest: str) -> None:
     csrc/ copied inside it (setup.py's package_dir), for PYTHONPATH."""
     package = os.path.join(dest, "dvp_fast")
     shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(os.path.join(ROOT, "dvp_fast"), package, ignore=shutil.ignore_patterns("__pycache__"))
+    # (kernels and csrc inside a checkout's dvp_fast/ would be links to the folders copied next)
+    shutil.copytree(os.path.join(ROOT, "dvp_fast"), package,
+                    ignore=shutil.ignore_patterns("__pycache__", "kernels", "csrc"))
     for sub in ("kernels", "csrc"):
         shutil.copytree(os.path.join(ROOT, sub), os.path.join(package, sub), ignore=shutil.ignore_patterns("__pycache__"))
     print(f"gpu_check: the editable install failed; later stages import the copy in {dest}", flush=True)

@@ -74,14 +74,20 @@ def pytest_report_header(config):
     return header + ([f"NOTE: {TRITON_INTERPRETER_PROBLEM}"] if TRITON_INTERPRETER_PROBLEM else [])
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    if not TRITON_INTERPRETER_PROBLEM:
-        return
-    skip = pytest.mark.skip(reason=TRITON_INTERPRETER_PROBLEM)
+    """The Triton cases: skipped, saying why, where the interpreter cannot run; without a GPU, `slow`
+    (the interpreter runs each kernel in Python: 0.1 to 10 s a case, a sixth of the quick tier)."""
+    interpreted = not torch.cuda.is_available()
+    skip = pytest.mark.skip(reason=TRITON_INTERPRETER_PROBLEM) if TRITON_INTERPRETER_PROBLEM else None
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("backend") == "triton":
+        if callspec is None or callspec.params.get("backend") != "triton":
+            continue
+        if skip is not None:
             item.add_marker(skip)
+        if interpreted:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(params=["torch", "triton", "cpp"])

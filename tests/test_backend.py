@@ -130,13 +130,14 @@ def _package_modules() -> dict[str, Path]:
 
 def _module_level_imports(tree: ast.Module):
     """Import statements that run when the module is imported: not those inside functions (they run
-    later) nor under `if TYPE_CHECKING:`."""
+    later) nor under `if TYPE_CHECKING:` or `if __name__ == "__main__":` (never run on import)."""
     stack = list(tree.body)
     while stack:
         node = stack.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
-        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        elif isinstance(node, ast.If) and ("TYPE_CHECKING" in ast.unparse(node.test)
+                                           or ast.unparse(node.test) == "__name__ == '__main__'"):
             stack.extend(node.orelse)
         elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             stack.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
@@ -224,6 +225,7 @@ def test_importing_the_ops_builds_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_every_ops_module_imports_first_in_a_fresh_interpreter():
     """Each module of dvp_fast.ops imports on its own (no order of first imports is needed). The
     backends' modules need their backend: cpp's load the C++ library (from the cache the tests use)."""
@@ -254,6 +256,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_a_backend_first_asked_for_inside_torch_compile_loads_without_a_graph_break():
     proc = subprocess.run([sys.executable, "-c", TRACE_TIME_LOAD], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -152,6 +152,7 @@ def test_a_run_stopped_part_way_keeps_the_groups_it_finished(tmp_path, monkeypat
     assert "**incomplete**" in open(json_path[:-5] + ".md").read()
 
 
+@pytest.mark.slow
 def test_teacher_report_writes_the_learning_curve_and_the_evaluations_of_best_pt(tmp_path):
     from dvp_fast.cli import eval_main
     from dvp_fast.train_cli import main as train_main

@@ -13,6 +13,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sample_writes_a_png_grid_and_tensor(run_dir, tmp_path, capsys):
     png = tmp_path / "grid.png"
     assert sample_main(["--checkpoint", run_dir, "--n", "6", "--out", str(png), "--steps", "3", "--seed", "1",

@@ -501,6 +501,7 @@ PROBE_SOURCE = """
 """
 
 
+@pytest.mark.slow
 def test_concurrent_first_builds_share_the_cache(cpp, tmp_path):
     """Two processes build the same library into one empty cache at the same moment; both load a
     working library, and a third process loads it without building. (The processes import the

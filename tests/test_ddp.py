@@ -43,6 +43,7 @@ def _worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_single_process_on_the_joined_batch(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)

@@ -209,6 +209,7 @@ def small_model(**overrides) -> DVPVAE:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_a_distilled_model_samples_with_its_student_and_saves_it(tmp_path):
     model = small_model()
     report = distill(model, steps=(1, 2), iterations=3, batch_size=32, teacher_n=64, progress=False)
@@ -322,6 +323,7 @@ def test_the_recipe_table_gives_every_step_count_a_recipe():
         RECIPES[4].iterations = 1  # frozen: a recipe is changed in the table, with its measurement
 
 
+@pytest.mark.slow
 def test_dvp_distill_writes_a_checkpoint_that_samples_with_the_student(tmp_path, capsys):
     from dvp_fast.cli import sample_main
     from dvp_fast.distill_cli import distill_main

@@ -127,6 +127,7 @@ def _calls_over_every_choice(dev):
             ops.dml_sample(params, 1.0, num_mix, backend="triton")
 
 
+@pytest.mark.slow
 def test_dispatcher_launches_only_listed_configurations(monkeypatch):
     from dvp_fast import ops
 
@@ -371,6 +372,7 @@ def _dml_register_use() -> dict:
     return usage
 
 
+@pytest.mark.slow
 def test_no_dml_launch_configuration_spills_registers_on_sm90(tmp_path):
     """Issue 15 saw the DML gradient kernel at 255 registers with spills (triton 3.6). With the Triton
     installed here, no configuration the dispatcher may pick uses local memory (spills) on sm_90."""

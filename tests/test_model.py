@@ -8,6 +8,7 @@ import torch
 
 import dvp_fast
 import dvp_fast.data
+import dvp_fast.evaluation
 from dvp_fast import DVPVAE, DVPConfig
 
 # Trainable parameters of the authors' models (SPEC §2), and ours: the paper's single
@@ -137,6 +138,7 @@ def test_default_scale_bounds_every_image():
     assert (coeffs.abs() <= model.pseudo.scale * (1 + 1e-5)).all()
 
 
+@pytest.mark.slow
 def test_iwae_bounds_elbo_and_tightens_with_samples(mnist_model):
     model = mnist_model
     x = digits(6)
@@ -157,19 +159,20 @@ def test_nll_streams_logsumexp_over_chunks(mnist_model, monkeypatch, max_rows):
     table = torch.randn(3, 12, dtype=torch.float64).float() * 50 - 300
     served = {"next": 0}
 
-    def fake_log_weights(feats, y, target, grid_steps=None):
+    def fake_log_weights(model, feats, y, target, grid_steps=None):
         k = target.shape[0] // 3
         start = served["next"]
         served["next"] += k
         assert torch.equal(y.view(3, k, *y.shape[1:])[:, 0], mnist_model.pseudo.mean(x))  # rows b*k.. are image b
         return table[:, start:start + k].reshape(-1)
 
-    monkeypatch.setattr(mnist_model, "_log_weights", fake_log_weights)
+    monkeypatch.setattr(dvp_fast.evaluation, "_draw_log_weights", fake_log_weights)
     got = mnist_model.nll(x, num_samples=12, max_rows=max_rows)
     assert served["next"] == 12
     torch.testing.assert_close(got, -(torch.logsumexp(table, 1) - math.log(12)))
 
 
+@pytest.mark.slow
 def test_overfitting_one_batch_lowers_the_loss():
     torch.manual_seed(0)
     model = DVPVAE.from_preset("mnist")

@@ -90,6 +90,7 @@ def test_the_readme_has_code_to_run():
     assert code_blocks("python") and bash_commands()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if code_blocks("python", p)], ids=os.path.basename)
 def test_python_blocks_run_as_written(page, workdir, monkeypatch):
     """A page's Python blocks, in order, in one namespace."""
@@ -99,6 +100,7 @@ def test_python_blocks_run_as_written(page, workdir, monkeypatch):
         exec(compile(block, os.path.basename(page), "exec"), namespace)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", bash_commands())
 def test_bash_lines_run(command, workdir, monkeypatch):
     argv = shlex.split(command)

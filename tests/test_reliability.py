@@ -337,6 +337,7 @@ def test_an_unexpected_error_is_one_line_labelled_internal(small_runs, monkeypat
         train.main(["--out", str(tmp_path / "run"), "--max-steps", "1", "--debug", *FAST])
 
 
+@pytest.mark.slow
 def test_real_process_prints_one_line_and_traceback_only_with_debug(tmp_path):
     """The installed entry point as a user meets it: exit code, stderr, --debug."""
     blocker = tmp_path / "a_file"

@@ -11,6 +11,7 @@ def model():
     return nudged_mnist_model(0.05, latent_scales=(1, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
 def test_compiled_and_eager_samples_agree(model, sampler):
     torch.manual_seed(1)

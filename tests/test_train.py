@@ -24,6 +24,7 @@ def losses(folder):
     return [(r["step"], r["loss"], r["grad_norm"]) for r in rows(folder) if r["loss"]]
 
 
+@pytest.mark.slow
 def test_run_folder_and_exact_resume(tmp_path, capsys):
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     assert main(["--out", whole, "--max-steps", "6", "--eval-every", "3", *FAST]) == 0
@@ -97,6 +98,7 @@ def test_corrupt_checkpoint_is_explained(tmp_path):
             else None
 
 
+@pytest.mark.slow
 def test_bf16_and_compiled_steps_match_the_eager_fp32_step():
 
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -192,6 +194,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, tmp_path
     assert "none.npy" in err and ("without native bf16 instructions" in err) is not native
 
 
+@pytest.mark.slow
 def test_each_evaluation_writes_the_layers_and_the_learning_curve(tmp_path):
     """layers.csv gets u, z_8 .. z_1 at every evaluation (resumed runs drop what came after their step), its
     KLs add up to the evaluation's, and learning_curve.png is redrawn beside metrics.csv."""
