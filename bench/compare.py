@@ -62,7 +62,7 @@ def run_bench(tree: str, out: str, run_args: list[str]) -> list[dict]:
     for path in glob.glob(os.path.join(out, "*.json")):
         with open(path) as f:
             for section in json.load(f)["sections"].values():
-                rows += [r for r in section["rows"] if r["metric"] == "time"]
+                rows += [r for r in section["rows"] if r["metric"] in ("time", "throughput")]
     return rows
 
 
@@ -70,13 +70,28 @@ def key(row: dict) -> tuple:
     return row["section"], row["group"], row["case"], row["variant"], row["passname"]
 
 
+def slowdown(before: float, after: float, unit: str) -> float:
+    """After's time over before's: above 1 is slower (a throughput's ratio is inverted to mean the same)."""
+    return before / after if unit.endswith("/s") else after / before
+
+
 def table(before: dict[tuple, list[float]], after: dict[tuple, list[float]], units: dict) -> list[str]:
-    lines = ["| section.group | case | variant | pass | before | after | after / before |", "|---|---|---|---|---|---|---|"]
+    lines = ["| section.group | case | variant | pass | before | after | slowdown |", "|---|---|---|---|---|---|---|"]
     for k in sorted(set(before) & set(after)):
         b, a = statistics.median(before[k]), statistics.median(after[k])
         lines.append(f"| {k[0]}.{k[1]} | {k[2]} | {k[3]} | {k[4]} | {b:.4g} {units[k]} | {a:.4g} {units[k]} | "
-                     f"{a / b:.3f} |")
+                     f"{slowdown(b, a, units[k]):.3f} |")
     return lines
+
+
+def summary(before: dict[tuple, list[float]], after: dict[tuple, list[float]], units: dict) -> list[str]:
+    ratios = sorted(slowdown(statistics.median(before[k]), statistics.median(after[k]), units[k])
+                    for k in set(before) & set(after))
+    if not ratios:
+        return ["- no case ran in both trees"]
+    return [f"- {len(ratios)} cases; slowdown (after's time over before's): median {statistics.median(ratios):.3f}, "
+            f"range {ratios[0]:.3f} to {ratios[-1]:.3f}; {sum(r > 1.1 for r in ratios)} above 1.1, "
+            f"{sum(r < 1 / 1.1 for r in ratios)} below 1/1.1"]
 
 
 def main(argv=None) -> int:
@@ -103,12 +118,16 @@ def main(argv=None) -> int:
              f"- command: `python bench/compare.py --against {args.against} --rounds {args.rounds} -- "
              f"{' '.join(args.run_args)}`",
              f"- each cell: the median over {args.rounds} run(s) of bench/run.py's median time; the trees ran in "
-             f"alternating order", "", *table(before, after, units)]
+             f"alternating order; throughputs are compared as times (slowdown = before's / after's)",
+             *summary(before, after, units), "", *table(before, after, units)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:  # every run's value, for a second look
+            json.dump([dict(case=list(k), unit=units[k], before=before.get(k), after=after.get(k))
+                       for k in sorted(units)], f, indent=1)
     return 0
 
 
