@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 DPI = 100
 CELL_INCHES = 0.9  # one image: 90 screen pixels, 3.2x a 28x28 digit, 2.8x a 32x32 CIFAR image
+MIN_WIDTH = 6.5  # inches: room for a two-line title above a few images
 CURVE_FIELDS = ("step", "epoch", "grad_norm", "skipped", "loss", "val_loss")  # training_curves.csv: metrics.csv's
 
 
@@ -158,8 +159,8 @@ def pseudo_input_figure(model: DVPVAE, n: int = 10, out: str | None = None, draw
     if out is None:
         return result
     plt = _pyplot()
-    fig, axes = plt.subplots(1 + draws, n, figsize=(CELL_INCHES * n + 1.6, CELL_INCHES * (1 + draws) + 0.7),
-                             squeeze=False)
+    fig, axes = plt.subplots(1 + draws, n, figsize=(max(CELL_INCHES * n + 1.6, MIN_WIDTH),
+                                                     CELL_INCHES * (1 + draws) + 0.9), squeeze=False)
     for j in range(n):
         _show(axes[0, j], u_image[j])
         for d in range(draws):
@@ -167,10 +168,10 @@ def pseudo_input_figure(model: DVPVAE, n: int = 10, out: str | None = None, draw
     _row_label(axes[0, 0], "u ~ r\u0302(u)\n(as an image)")
     for d in range(draws):
         _row_label(axes[1 + d, 0], "decoded" if draws == 1 else f"decoded,\ndraw {d + 1}")
-    fig.suptitle(f"Pseudo-inputs from the prior r\u0302(u) and images decoded from them (z ~ prior, T = {temperature:g})",
-                 fontsize=11)
-    fig.subplots_adjust(left=1.5 / fig.get_figwidth(), right=0.99, top=1 - 0.5 / fig.get_figheight(), bottom=0.02,
-                        wspace=0.06, hspace=0.06)
+    fig.suptitle(f"Pseudo-inputs from the prior r\u0302(u) and images decoded from them\n(every z from the prior "
+                 f"given u, T = {temperature:g})", fontsize=11)
+    fig.subplots_adjust(left=1.5 / fig.get_figwidth(), right=1 - 0.1 / fig.get_figwidth(),
+                        top=1 - 0.7 / fig.get_figheight(), bottom=0.02, wspace=0.06, hspace=0.06)
     _save_png(fig, out)
 
     def rows():
@@ -234,7 +235,8 @@ def generative_reconstructions(model: DVPVAE, images: torch.Tensor, draws: int =
     heads = ["input"] + (["u ~ r(u|x)"] if u_image is not None else [])
     first = len(heads) + 1
     fig, axes = plt.subplots(total_rows, first + draws, squeeze=False,
-                             figsize=(CELL_INCHES * (len(heads) + draws) + 1.7, CELL_INCHES * total_rows + 0.8),
+                             figsize=(max(CELL_INCHES * (len(heads) + draws) + 1.7, MIN_WIDTH),
+                                      CELL_INCHES * total_rows + 1.0),
                              gridspec_kw=dict(width_ratios=[1] * len(heads) + [1.7 / CELL_INCHES] + [1] * draws))
     for i in range(n):
         for r, k in enumerate(levels):
@@ -251,10 +253,10 @@ def generative_reconstructions(model: DVPVAE, images: torch.Tensor, draws: int =
         axes[0, col].set_title(head, fontsize=10)
     for d in range(draws):
         axes[0, first + d].set_title(f"draw {d + 1}", fontsize=10)
-    fig.suptitle(f"Generative reconstructions: u ~ r(u|x) and the top latents fixed, the rest from the prior "
-                 f"(T = {temperature:g})", fontsize=11)
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.6 / fig.get_figheight(), bottom=0.02,
-                        wspace=0.06, hspace=0.1)
+    fig.suptitle(f"Generative reconstructions: a posterior draw's u (and top latents) kept,\nevery other z from "
+                 f"the prior (T = {temperature:g})", fontsize=11)
+    fig.subplots_adjust(left=0.1 / fig.get_figwidth(), right=1 - 0.1 / fig.get_figwidth(),
+                        top=1 - 0.8 / fig.get_figheight(), bottom=0.02, wspace=0.06, hspace=0.1)
     _save_png(fig, out)
 
     def csv_rows():
