@@ -22,6 +22,7 @@ COMMANDS = (
     ("dvp-eval", "dvp_fast.cli", "eval_main"),
     ("dvp-export", "dvp_fast.export", "export_main"),
     ("dvp-distill", "dvp_fast.distill_cli", "distill_main"),
+    ("dvp-figures", "dvp_fast.figures_cli", "figures_main"),
     ("python -m dvp_fast upgrade-checkpoint", "dvp_fast.checkpoint", "upgrade_main"),
 )
 
@@ -52,7 +53,7 @@ def render() -> str:
     for name, module, function in COMMANDS:
         lines += [f"## {name}", "", "```text", help_text(module, function).rstrip(), "```", ""]
     lines += ["`torchrun --nproc_per_node=N -m dvp_fast.train ...` runs `dvp-train` with DDP, one process per GPU; "
-              "`python -m dvp_fast {train,sample,eval,export,distill,upgrade-checkpoint}` runs each command "
+              "`python -m dvp_fast {train,sample,eval,export,distill,figures,upgrade-checkpoint}` runs each command "
               "without its script on PATH.", ""]
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""python -m dvp_fast {train,sample,eval,export,distill,upgrade-checkpoint} ...: the command-line tools, also
+"""python -m dvp_fast {train,sample,eval,export,distill,figures,upgrade-checkpoint} ...: the command-line tools, also
 without their scripts on PATH; upgrade-checkpoint rewrites trusted format-1 checkpoints in format 2."""
 import sys
 
@@ -6,10 +6,11 @@ from .checkpoint import upgrade_main
 from .cli import eval_main, sample_main
 from .distill_cli import distill_main
 from .export import export_main
+from .figures_cli import figures_main
 from .train_cli import main as train_main
 
 COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "export": export_main,
-            "distill": distill_main, "upgrade-checkpoint": upgrade_main}
+            "distill": distill_main, "figures": figures_main, "upgrade-checkpoint": upgrade_main}
 
 
 def main(argv: list[str]) -> int:

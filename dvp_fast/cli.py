@@ -165,24 +165,43 @@ def sample_main(argv: list[str] | None = None) -> int:
 
 
 # --- dvp-eval -----------------------------------------------------------------------------------------
-def evaluate(args: argparse.Namespace) -> dict:
-    device = _device(args.device)
-    path = resolve_checkpoint(args.checkpoint)
+def load_run(checkpoint: str, device: torch.device, raw_weights: bool = False) -> tuple[str, dict, DVPVAE]:
+    """(the .pt file, its payload, its model in eval mode on `device`) of a run folder (best.pt, else last.pt)
+    or a .pt file: the EMA weights unless `raw_weights`."""
+    path = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(path)
-    name = args.data or payload.get("run", {}).get("data")
+    model = DVPVAE.from_checkpoint_payload(payload, path, ema=not raw_weights).to(device).eval()
+    return path, payload, model
+
+
+def run_images(payload: dict, path: str, model: DVPVAE, data: str | None, split: str | None,
+               root: str | None = None, download: bool = False,
+               default_split: str = "test") -> tuple[str, str, torch.Tensor]:
+    """(dataset, split, uint8 images) to evaluate a checkpoint on: `data`, else the data it was trained on;
+    `split`, else `default_split` (for a user's images "all" where the default is "test"). A user source's val
+    split is drawn with the run's seed: the same images dvp-train validated on."""
+    name = data or payload.get("run", {}).get("data")
     if name is None:
         raise ValueError(f"{path} does not record its dataset: pass --data")
-    split = args.split or ("all" if datasets.is_user_source(name) else "test")
-    # A user source's val split is drawn with the run's seed: the same images dvp-train validated on.
+    if split is None:
+        split = "all" if datasets.is_user_source(name) and default_split == "test" else default_split
     seed = payload.get("train_config", {}).get("seed", 0)
-    model = DVPVAE.from_checkpoint_payload(payload, path, ema=not args.raw_weights).to(device).eval()
-    images = datasets.load_images(name, split, root=args.data_dir, download=args.download, seed=seed)
+    images = datasets.load_images(name, split, root=root, download=download, seed=seed)
+    cfg = model.config
+    if tuple(images.shape[1:]) != (cfg.image_channels, cfg.image_size, cfg.image_size):
+        raise ValueError(f"{name}: images of shape {tuple(images.shape[1:])}, the model of {path} expects "
+                         f"{(cfg.image_channels, cfg.image_size, cfg.image_size)} (images are not resized)")
+    return name, split, images
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    device = _device(args.device)
+    path, payload, model = load_run(args.checkpoint, device, raw_weights=args.raw_weights)
+    name, split, images = run_images(payload, path, model, args.data, args.split, args.data_dir, args.download,
+                                     default_split="test")
     if args.limit is not None:
         images = images[:args.limit]
     cfg = model.config
-    if tuple(images.shape[1:]) != (cfg.image_channels, cfg.image_size, cfg.image_size):
-        raise ValueError(f"{name}: images of shape {tuple(images.shape[1:])}, the model expects "
-                         f"{(cfg.image_channels, cfg.image_size, cfg.image_size)} (images are not resized)")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bpd = 1.0 / (cfg.pixels * math.log(2.0))

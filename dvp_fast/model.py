@@ -362,17 +362,26 @@ class DVPVAE(nn.Module):
         return [torch.randn(batch, cz, b.res, b.res, device=self.device) for b in self.blocks]
 
     def _top_down_prior(self, cond: dict[int, torch.Tensor] | None, noises: list[torch.Tensor],
-                        temperature: float, vamp_pick: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Generative pass: z_l = mu_p + sqrt(temperature) sigma_p noise_l, top-down.
+                        temperature: float, vamp_pick: torch.Tensor | None = None,
+                        top: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Generative pass: z_l = mu_p + sqrt(temperature) sigma_p noise_l, top-down; the first
+        len(top) layers (z_L, z_L-1, ...) are `top`'s tensors instead of prior draws.
 
         Pure given its inputs (no RNG inside), so it can be compiled or graph-captured and
         still match the eager pass draw for draw.
         """
         s = self._initial_state(noises[0].shape[0], self.likelihood_head.weight.dtype)
         scale = math.sqrt(temperature)
+        top = top or []
         zs = []
         for idx, block in enumerate(self.blocks):
             mu_p, lv_p, h, _, _ = block(s, None if cond is None else cond[block.res])
+            if idx < len(top):
+                z = top[idx].to(mu_p.dtype)
+                zs.append(z)
+                if not block.last:
+                    s = block.update(s + h, z)
+                continue
             if idx == 0 and vamp_pick is not None:
                 mu_k, lv_k = self._vamp_components()
                 mu_p, lv_p = mu_k[vamp_pick], lv_k[vamp_pick]
@@ -458,8 +467,14 @@ class DVPVAE(nn.Module):
         return Encoding(u=u, u_mean=y, z=td.z)
 
     @torch.no_grad()
-    def decode(self, u: torch.Tensor | None, temperature: float = 1.0, n: int | None = None) -> torch.Tensor:
-        """Images (B, C, D, D) in [-1, 1] from pseudo-inputs u (B, C, d, d) through the prior ladder."""
+    def decode(self, u: torch.Tensor | None, temperature: float = 1.0, n: int | None = None,
+               top: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Images (B, C, D, D) in [-1, 1] from pseudo-inputs u (B, C, d, d) through the prior ladder.
+
+        `top`: the top latents to keep instead of drawing them, z_L first (e.g. `encode(x).z[:1]` keeps
+        z_L of a posterior draw); the layers below are drawn from the prior given them, as the
+        generative pass would. `top=encode(x).z` (all layers) decodes that posterior draw itself.
+        """
         temperature = checks.temperature(temperature)
         if self.pseudo is not None:
             expected = self.pseudo.shape
@@ -472,14 +487,37 @@ class DVPVAE(nn.Module):
             raise ValueError("a model without pseudo-inputs decodes from the prior: pass u=None and n")
         else:
             n = checks.positive_int("n", n)
-        return self._decode(u, temperature, n if u is None else u.shape[0])
+        batch = n if u is None else u.shape[0]
+        return self._decode(u, temperature, batch, top=self._check_top(top, batch))
 
-    def _decode(self, u: torch.Tensor | None, temperature: float, batch: int, prior_pass=None) -> torch.Tensor:
+    def _check_top(self, top, batch) -> list[torch.Tensor] | None:
+        """`decode`'s `top`: None, or a list of at most L tensors shaped like z_L, z_L-1, ... for `batch` rows."""
+        if top is None:
+            return None
+        if not isinstance(top, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in top):
+            raise TypeError(f"top must be a list of tensors z_L, z_L-1, ... (e.g. encode(x).z[:1]), "
+                            f"got {type(top).__name__}")
+        if len(top) > len(self.blocks):
+            raise ValueError(f"top holds {len(top)} latents, the model has {len(self.blocks)} latent layers")
+        cz = self.config.latent_width
+        for i, (t, block) in enumerate(zip(top, self.blocks)):
+            expected = (batch, cz, block.res, block.res)
+            if tuple(t.shape) != expected:
+                raise ValueError(f"top[{i}] (z_{len(self.blocks) - i}) must have shape {expected}, "
+                                 f"got {tuple(t.shape)}")
+        return [t.to(self.device) for t in top]
+
+    def _decode(self, u: torch.Tensor | None, temperature: float, batch: int, prior_pass=None,
+                top: list[torch.Tensor] | None = None) -> torch.Tensor:
         cond = None if u is None else self._condition_pyramid(u.to(self.device, torch.float32))
         pick = None
         if self.vamp is not None:
             pick = torch.randint(0, self.config.num_pseudoinputs, (batch,), device=self.device)
-        zs = (prior_pass or self._top_down_prior)(cond, self._prior_noises(batch), temperature, pick)
+        noises = self._prior_noises(batch)
+        if top:
+            zs = self._top_down_prior(cond, noises, temperature, pick, top)
+        else:
+            zs = (prior_pass or self._top_down_prior)(cond, noises, temperature, pick)
         return self.params_to_images(self.likelihood_params(zs), temperature)
 
     @torch.no_grad()

@@ -20,13 +20,14 @@ from dvp_fast.cli import eval_main, sample_main
 from dvp_fast.data import load_images
 from dvp_fast.distill_cli import distill_main
 from dvp_fast.export import export_main
+from dvp_fast.figures_cli import figures_main
 from dvp_fast.train_cli import main as train_main
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 PAGES = [README, *(os.path.join(DOCS, name) for name in sorted(os.listdir(DOCS)) if name.endswith(".md"))]
 ENTRY_POINTS = {"dvp-train": train_main, "dvp-sample": sample_main, "dvp-eval": eval_main, "dvp-export": export_main,
-                "dvp-distill": distill_main}
+                "dvp-distill": distill_main, "dvp-figures": figures_main}
 
 
 def code_blocks(language: str, page: str = README) -> list[str]:
@@ -60,6 +61,8 @@ def _smaller(argv: list[str]) -> list[str]:
         args += ["--limit", "4"]
     if name == "dvp-distill":
         args += ["--iterations", "2", "--batch-size", "16", "--teacher-samples", "64", "--no-progress"]
+    if name == "dvp-figures":
+        args += ["--n", "2", "--steps", "4", "--images", "2", "--draws", "2", "--au-images", "50"]
     return args
 
 
