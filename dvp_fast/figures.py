@@ -336,7 +336,7 @@ def training_curves(metrics_csv: str, out: str | None = None) -> list[dict]:
     fig, (gn, elbo) = plt.subplots(1, 2, figsize=(11, 4))
     grad = [(int(r["step"]), _float(r["grad_norm"])) for r in rows if r["grad_norm"]]
     if grad:
-        gn.plot(*zip(*grad), lw=1, color="tab:purple")
+        gn.plot(*zip(*grad), lw=1, color="tab:purple", marker="." if len(grad) < 50 else None)  # a point alone shows
         if all(v > 0 for _, v in grad if math.isfinite(v)):
             from matplotlib.ticker import ScalarFormatter
 
@@ -353,7 +353,7 @@ def training_curves(metrics_csv: str, out: str | None = None) -> list[dict]:
     train = [(int(r["step"]), _float(r["loss"])) for r in rows if r["loss"]]
     val = [(int(r["step"]), _float(r["val_loss"])) for r in rows if r["val_loss"]]
     if train:
-        elbo.plot(*zip(*train), lw=1, label="training batches")
+        elbo.plot(*zip(*train), lw=1, label="training batches", marker="." if len(train) < 50 else None)
     if val:
         elbo.plot(*zip(*val), "o-", lw=1.5, label="validation")
     finite = sorted(v for _, v in train + val if math.isfinite(v))
