@@ -53,6 +53,7 @@ def moments(u: torch.Tensor) -> tuple[float, float]:
     return float(u.mean()), float(u.std())
 
 
+@pytest.mark.slow
 def test_energy_distance_is_zero_only_for_equal_distributions():
     torch.manual_seed(0)
     a, b = torch.randn(4000, 3), torch.randn(4000, 3)

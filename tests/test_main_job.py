@@ -70,6 +70,7 @@ def test_the_thresholds_fail_the_main_job_the_readme_used_to_run():
         assert_digits(dict(recon_accuracy=0.914, sample_sure=0.230, sample_class_share=0.288, sample_classes=9))
 
 
+@pytest.mark.slow
 def test_the_judge_rejects_an_untrained_model(judge):
     torch.manual_seed(0)
     scores = score(DVPVAE.from_preset("mnist").eval(), judge)

@@ -144,6 +144,7 @@ def test_gaussian_data_samples_have_the_exact_moments_of_the_discrete_sampler(pr
     assert abs(v - want_v) < 5 * want_v * math.sqrt(2 / n) + 1e-6, (v, want_v)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_many_steps_return_the_gaussian_data_with_the_residual_variance(preset, sampler):

@@ -129,6 +129,7 @@ def _format1_checkpoint(run_folder: str, path: str) -> tuple:
     return state
 
 
+@pytest.mark.slow
 def test_a_format1_checkpoint_is_refused_and_converts(run_folder, tmp_path, capsys):
     old = str(tmp_path / "old.pt")
     state = _format1_checkpoint(run_folder, old)

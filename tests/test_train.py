@@ -73,6 +73,7 @@ def test_a_non_finite_step_leaves_no_trace(layout):
     assert trainer.read_metrics()["consecutive"] == 0
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["--out", out, "--max-steps", "1", *FAST]) == 0
@@ -165,6 +166,7 @@ def test_compiled_blocks_have_static_shapes(monkeypatch, cuda_graphs):
     assert all(a == () and kw.get("dynamic") is False and kw.get("mode") == mode for _, a, kw in calls), calls
 
 
+@pytest.mark.slow
 def test_dvp_train_compile_compiles_the_ema_model_that_evaluation_runs(monkeypatch, tmp_path):
     """--compile compiles the training model's blocks and, separately, the EMA copy's: a deep copy of a
     compiled module runs eager (Module.compile's call is not copied)."""
@@ -235,6 +237,7 @@ def test_evaluate_splits_the_kl_and_the_active_units_by_layer():
     assert ev["active_units"] == pytest.approx(sum(a * n for a, n in zip(per_layer, sizes)) / sum(sizes))
 
 
+@pytest.mark.slow
 def test_tensorboard_writes_every_row_and_each_evaluation(monkeypatch, tmp_path):
     import dvp_fast.run_folder as run_folder
     import dvp_fast.train_cli as train_cli

@@ -110,6 +110,7 @@ def test_bad_sources_are_one_line_errors_naming_the_file(tmp_path, digits):
         assert expected in message and "\n" not in message, (source, message)
 
 
+@pytest.mark.slow
 def test_dvp_train_and_dvp_eval_on_a_folder(tmp_path, digits, capsys):
     write_pngs(str(tmp_path / "mine"), digits)
     source = f"folder:{tmp_path / 'mine'}"
