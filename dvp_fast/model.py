@@ -378,14 +378,11 @@ class DVPVAE(nn.Module):
             mu_p, lv_p, h, _, _ = block(s, None if cond is None else cond[block.res])
             if idx < len(top):
                 z = top[idx].to(mu_p.dtype)
-                zs.append(z)
-                if not block.last:
-                    s = block.update(s + h, z)
-                continue
-            if idx == 0 and vamp_pick is not None:
-                mu_k, lv_k = self._vamp_components()
-                mu_p, lv_p = mu_k[vamp_pick], lv_k[vamp_pick]
-            z = mu_p + scale * torch.exp(0.5 * lv_p) * noises[idx]
+            else:
+                if idx == 0 and vamp_pick is not None:
+                    mu_k, lv_k = self._vamp_components()
+                    mu_p, lv_p = mu_k[vamp_pick], lv_k[vamp_pick]
+                z = mu_p + scale * torch.exp(0.5 * lv_p) * noises[idx]
             zs.append(z)
             if not block.last:
                 s = block.update(s + h, z)
