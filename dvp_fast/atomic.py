@@ -4,8 +4,9 @@
     atomic_write(path, lambda f: torch.save(obj, f), tmp=f"{path}.tmp{os.getpid()}")
 
 A write that fails (a full disk, an exception in `write`, a KeyboardInterrupt) removes its temporary
-file and leaves whatever was at the target untouched. Used by the dataset downloads, the normaliser
-cache, shareable weights (pretrained.py), model cards (export.py) and checkpoints (checkpoint.py).
+file and leaves whatever was at the target untouched. Every file dvp_fast writes goes through here:
+checkpoints, the run folder's CSVs, JSON and figures, PNG grids, evaluations.json, shareable weights,
+model cards, the normaliser cache and dataset downloads.
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], tmp: str | None =
         raise
 
 
-def atomic_write_bytes(path: str, content: bytes) -> None:
-    """Write `content` to `path` atomically (the folder is created if needed)."""
-    atomic_write(path, lambda f: f.write(content))
+def atomic_write_bytes(path: str, content: bytes, tmp: str | None = None) -> None:
+    """Write `content` to `path` atomically (the folder is created if needed; `tmp` as for atomic_write)."""
+    atomic_write(path, lambda f: f.write(content), tmp=tmp)
 
 
 __all__ = ["atomic_write", "atomic_write_bytes", "fsync_dir"]

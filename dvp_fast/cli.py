@@ -16,6 +16,7 @@ import time
 import torch
 
 from . import data as datasets
+from .atomic import atomic_write_bytes
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .diffusion import DiffusionPrior
 from .images import save_grid
@@ -76,7 +77,8 @@ def _run(prog: str, fn, args) -> int:
     return 0
 
 
-def _data_argument(text: str) -> str:
+def data_argument(text: str) -> str:
+    """argparse type of --data (every command that takes it): a dataset name or a user source."""
     try:
         return datasets.check_data_name(text)
     except ValueError as exc:
@@ -257,11 +259,9 @@ def read_evaluations(folder: str) -> list[dict]:
 def record_evaluation(folder: str, record: dict) -> None:
     """Append `record` to the checkpoint folder's evaluations.json (for dvp-export's model card)."""
     target = os.path.join(folder, EVALUATIONS)
-    tmp = target + f".tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(read_evaluations(folder) + [record], f, indent=2)
-        os.replace(tmp, target)
+        atomic_write_bytes(target, json.dumps(read_evaluations(folder) + [record], indent=2).encode("utf-8"),
+                           tmp=target + f".tmp{os.getpid()}")
     except OSError as exc:  # a read-only run folder: the result was printed, keep going
         print(f"dvp-eval: note: could not record the result in {target}: {exc.strerror or exc}", file=sys.stderr)
 
@@ -269,7 +269,7 @@ def record_evaluation(folder: str, record: dict) -> None:
 def eval_main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="dvp-eval", description="Test ELBO, IWAE NLL and active units of a DVP-VAE.")
     p.add_argument("--checkpoint", required=True, help="run folder (uses best.pt) or a .pt file")
-    p.add_argument("--data", default=None, type=_data_argument, metavar="DATA",
+    p.add_argument("--data", default=None, type=data_argument, metavar="DATA",
                    help=f"{', '.join(datasets.DATASETS)}, folder:PATH, npz:PATH or npy:PATH; default: the data it "
                         f"was trained on")
     p.add_argument("--data-dir", default=None)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import checks
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_bytes
 from .diffusion import DiffusionPrior
 from .learning_curve import _float
 
@@ -92,7 +92,7 @@ def _write_csv(path: str, fields, rows) -> None:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(fields)
     writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()), tmp=f"{path}.tmp{os.getpid()}")
+    atomic_write_bytes(path, text.getvalue().encode(), tmp=f"{path}.tmp{os.getpid()}")
 
 
 def csv_path(png: str) -> str:

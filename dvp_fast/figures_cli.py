@@ -19,7 +19,7 @@ import time
 import torch
 
 from . import figures
-from .cli import OneLineParser, _data_argument, _device, _non_negative, _positive, _run, load_run, run_images
+from .cli import OneLineParser, _device, _non_negative, _positive, _run, data_argument, load_run, run_images
 from .data import SPLITS
 
 FIGURES = {"pseudo": "pseudo_inputs.png", "recon": "generative_reconstructions.png", "latents": "latent_use.png",
@@ -129,7 +129,7 @@ def figures_main(argv: list[str] | None = None) -> int:
                    help="draw only these figures (default: all four)")
     p.add_argument("--compare", default=None, metavar="RUN2",
                    help="a second run (folder or .pt) whose active units are drawn beside the first's")
-    p.add_argument("--data", default=None, type=_data_argument, metavar="DATA",
+    p.add_argument("--data", default=None, type=data_argument, metavar="DATA",
                    help="images for the reconstructions and active units (default: each run's own training data)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true", help="fetch missing standard dataset files into --data-dir")

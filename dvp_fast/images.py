@@ -8,6 +8,8 @@ import zlib
 
 import torch
 
+from .atomic import atomic_write_bytes
+
 
 DISPLAY_SCALE = 2  # a 28x28 digit is too small to read on a screen at one pixel per pixel
 
@@ -43,10 +45,7 @@ def write_png(path: str, pixels: torch.Tensor) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png, tmp=f"{path}.tmp{os.getpid()}")
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = DISPLAY_SCALE) -> str:

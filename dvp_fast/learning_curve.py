@@ -8,8 +8,11 @@ at the latest evaluation (Table 4).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+
+from .atomic import atomic_write, atomic_write_bytes
 
 LAYERS_CSV = "layers.csv"
 FIGURE = "learning_curve.png"
@@ -42,12 +45,11 @@ class LayerLog:
             au = active_units[i - 1] if i > 0 else None
             self.rows.append(dict(step=step, layer=name, kl_nats=f"{value:.6g}",
                                   active_units="" if au is None else f"{au:.4f}"))
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, LAYER_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, LAYER_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_bytes(self.path, text.getvalue().encode(), tmp=self.path + ".tmp")
 
 
 def _read(path: str) -> list[dict]:
@@ -105,8 +107,6 @@ def plot_learning_curve(folder: str) -> str:
         bars.set_axis_off()
     fig.tight_layout()
     path = os.path.join(folder, FIGURE)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), tmp=path + ".tmp.png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write_bytes
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, require_keys, save_checkpoint
 from .config import DVPConfig, TrainConfig
 from .images import save_grid
@@ -59,7 +59,7 @@ class MetricsCSV:
         writer = csv.DictWriter(text, METRIC_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write(self.path, lambda f: f.write(text.getvalue().encode()), tmp=self.path + ".tmp")
+        atomic_write_bytes(self.path, text.getvalue().encode(), tmp=self.path + ".tmp")
 
     def append(self, row: dict) -> None:
         try:
@@ -245,7 +245,7 @@ class StopRequests:
 
 
 def write_json(path: str, content: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(content, indent=2).encode()), tmp=path + ".tmp")
+    atomic_write_bytes(path, json.dumps(content, indent=2).encode(), tmp=path + ".tmp")
 
 
 

@@ -19,7 +19,6 @@ run with the previous checkpoint intact; a lock file keeps two runs out of one f
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -32,7 +31,7 @@ import torch.distributed as dist
 from . import checks
 from . import data as datasets
 from .checkpoint import BEST, LAST, remove_stale_temporaries
-from .cli import OneLineParser, report_error
+from .cli import OneLineParser, data_argument, report_error
 from .config import PRESETS, DVPConfig, model_preset, train_preset
 from .model import DVPVAE
 from .ops import backend_available
@@ -117,14 +116,6 @@ def _distributed() -> tuple[int, int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def data_argument(text: str) -> str:
-    """argparse type of --data: a dataset name or a user source."""
-    try:
-        return datasets.check_data_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _load_data(args, cfg: DVPConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
