@@ -4,9 +4,9 @@
     atomic_write(path, lambda f: torch.save(obj, f), tmp=f"{path}.tmp{os.getpid()}")
 
 A write that fails (a full disk, an exception in `write`, a KeyboardInterrupt) removes its temporary
-file and leaves whatever was at the target untouched. Every file dvp_fast writes goes through here:
-checkpoints, the run folder's CSVs, JSON and figures, PNG grids, evaluations.json, shareable weights,
-model cards, the normaliser cache and dataset downloads.
+file and leaves whatever was at the target untouched. Every file the commands and runs write goes
+through here: checkpoints, the run folder's CSVs, JSON and figures, PNG grids and sample tensors,
+evaluations.json, shareable weights, model cards, the normaliser cache and dataset downloads.
 """
 from __future__ import annotations
 

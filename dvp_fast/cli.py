@@ -16,7 +16,7 @@ import time
 import torch
 
 from . import data as datasets
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write, atomic_write_bytes
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .diffusion import DiffusionPrior
 from .images import save_grid
@@ -136,7 +136,7 @@ def sample(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     save_grid(images, args.out, nrow=args.nrow, scale=args.scale)
     if args.save_tensor:
-        torch.save(images.cpu(), os.path.splitext(args.out)[0] + ".pt")
+        atomic_write(os.path.splitext(args.out)[0] + ".pt", lambda f: torch.save(images.cpu(), f))
     steps = args.steps or model.config.sample_steps
     used = model.sampler_for(steps) if isinstance(model.u_prior, DiffusionPrior) else None
     how = {"student": f"the {steps}-step distilled student", "ancestral": f"{steps} ancestral steps"}.get(used)
